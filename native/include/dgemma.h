@@ -1,0 +1,170 @@
+/*
+ * dgemma.h - the C ABI of pydgemma, a runtime for DiffusionGemma GGUF files.
+ *
+ * Conventions (they hold for every function below):
+ *   - Objects are opaque handles, created by a load or new call and released by the matching free.
+ *   - Parameter structs come from *_default_params(); change only the fields you care about.
+ *   - Functions that can fail return a dg_status. On failure dg_last_error() returns a one-line,
+ *     human-readable message for the calling thread; it stays valid until the next failing call on
+ *     that thread. The library never calls abort() or exit() on bad input.
+ *   - Strings returned as `const char *` are owned by the library (by the handle they came from, or
+ *     static); never free them.
+ *
+ * This header is also the source of the Python binding's cffi declarations: keep it to plain C
+ * declarations (no function-like macros, no conditional declarations) between the markers.
+ */
+#ifndef DGEMMA_H
+#define DGEMMA_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32) && defined(DGEMMA_BUILD)
+#    define DG_API __declspec(dllexport)
+#elif defined(_WIN32)
+#    define DG_API __declspec(dllimport)
+#elif defined(DGEMMA_BUILD)
+#    define DG_API __attribute__((visibility("default")))
+#else
+#    define DG_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* --- cffi:begin --- */
+
+typedef enum dg_status {
+    DG_OK                 = 0,
+    DG_ERR_INVALID_ARG    = 1, /* a NULL handle, an out-of-range index, a bad parameter value */
+    DG_ERR_IO             = 2, /* the file cannot be opened, read or mapped                   */
+    DG_ERR_FORMAT         = 3, /* not a GGUF file, or a GGUF that is not a valid DiffusionGemma */
+    DG_ERR_UNSUPPORTED    = 4, /* valid, but uses something this build cannot run            */
+    DG_ERR_OUT_OF_MEMORY  = 5,
+    DG_ERR_BACKEND        = 6  /* a ggml backend or device failed                             */
+} dg_status;
+
+/* Message of the last failed call on this thread ("" when none). */
+DG_API const char * dg_last_error(void);
+/* Short name of a status code, e.g. "DG_ERR_FORMAT". */
+DG_API const char * dg_status_name(dg_status status);
+
+/* Version of this library ("MAJOR.MINOR.PATCH") and of the ggml it runs on. */
+DG_API const char * dg_version(void);
+DG_API const char * dg_ggml_version(void);
+
+/* ---------------------------------------------------------------------------------------------
+ * Devices: every device of every ggml backend registered in this process (CPU, CUDA, ...).
+ */
+typedef enum dg_device_type {
+    DG_DEVICE_CPU   = 0,
+    DG_DEVICE_GPU   = 1,
+    DG_DEVICE_IGPU  = 2,
+    DG_DEVICE_ACCEL = 3
+} dg_device_type;
+
+typedef struct dg_device_info {
+    const char *   name;         /* ggml device name, e.g. "CPU", "CUDA0" */
+    const char *   description;  /* e.g. the GPU or CPU model              */
+    const char *   backend;      /* backend registry name, e.g. "CUDA"    */
+    dg_device_type type;
+    uint64_t       memory_free;  /* bytes */
+    uint64_t       memory_total; /* bytes */
+} dg_device_info;
+
+DG_API size_t    dg_device_count(void);
+DG_API dg_status dg_device_get(size_t index, dg_device_info * out);
+
+/* ---------------------------------------------------------------------------------------------
+ * Model: a memory-mapped, validated DiffusionGemma GGUF file. Immutable after load; one model may
+ * be shared by several threads.
+ */
+typedef struct dg_model dg_model;
+
+typedef struct dg_model_params {
+    const char * device;    /* "auto" (first GPU, else CPU), "cpu", or a device name such as "CUDA0" */
+    int32_t      n_threads; /* CPU threads for compute; <= 0 means one per available core          */
+    bool         use_mmap;  /* map the file instead of reading it into memory                        */
+} dg_model_params;
+
+DG_API dg_model_params dg_model_default_params(void);
+
+/* Opens, maps and validates `path`. On success *out_model owns the file mapping. */
+DG_API dg_status dg_model_load(const char * path, const dg_model_params * params, dg_model ** out_model);
+DG_API void      dg_model_free(dg_model * model);
+
+/* The device the model was placed on (resolved from params.device) and the thread count. */
+DG_API const char * dg_model_device(const dg_model * model);
+DG_API int32_t      dg_model_n_threads(const dg_model * model);
+
+/* Hyper-parameters read from the GGUF metadata (spec section 1). */
+typedef struct dg_hparams {
+    uint32_t n_vocab;
+    uint32_t n_ctx_train;         /* diffusion-gemma.context_length              */
+    uint32_t n_embd;
+    uint32_t n_layer;
+    uint32_t n_head;
+    uint32_t n_ff;                /* dense MLP and self-conditioning MLP width   */
+    uint32_t n_ff_exp;            /* per-expert width                            */
+    uint32_t n_expert;
+    uint32_t n_expert_used;
+    uint32_t head_dim;            /* full-attention layers                       */
+    uint32_t head_dim_swa;        /* sliding-window layers                       */
+    uint32_t n_rot;               /* rope.dimension_count                        */
+    uint32_t n_rot_swa;           /* rope.dimension_count_swa                    */
+    uint32_t sliding_window;
+    uint32_t canvas_length;
+    float    rope_freq_base;
+    float    rope_freq_base_swa;
+    float    rms_norm_eps;
+    float    final_logit_softcap;
+    bool     has_self_conditioning;
+    bool     has_output_weight;   /* false: the output head is tied to token_embd */
+} dg_hparams;
+
+DG_API dg_status dg_model_hparams(const dg_model * model, dg_hparams * out);
+
+/* Per-layer attention layout. */
+typedef struct dg_layer_info {
+    bool     is_sliding;
+    uint32_t n_head_kv;
+    uint32_t head_dim;
+    bool     has_v_proj;          /* full layers reuse the raw K projection as V */
+} dg_layer_info;
+
+DG_API dg_status dg_model_layer(const dg_model * model, uint32_t layer, dg_layer_info * out);
+
+/* Tensors in file order. */
+typedef struct dg_tensor_info {
+    const char * name;
+    const char * type_name;       /* ggml type name, e.g. "q4_K" */
+    int32_t      type;            /* ggml_type value             */
+    int32_t      n_dims;
+    int64_t      ne[4];           /* GGUF order: ne[0] is the row length */
+    uint64_t     n_bytes;
+    uint64_t     file_offset;     /* absolute byte offset of the data in the file */
+} dg_tensor_info;
+
+DG_API size_t    dg_model_n_tensors(const dg_model * model);
+DG_API dg_status dg_model_tensor(const dg_model * model, size_t index, dg_tensor_info * out);
+
+/* Metadata key/value pairs in file order. Values are rendered as text; arrays show their first
+ * items and their length, e.g. "[true, true, false, ...] (30 items)". */
+DG_API size_t       dg_model_n_meta(const dg_model * model);
+DG_API const char * dg_model_meta_key(const dg_model * model, size_t index);
+DG_API const char * dg_model_meta_value(const dg_model * model, size_t index);
+/* The value of `key` rendered as text, or NULL when the key is absent. */
+DG_API const char * dg_model_meta_get(const dg_model * model, const char * key);
+
+/* Size of the file in bytes. */
+DG_API uint64_t dg_model_file_size(const dg_model * model);
+
+/* --- cffi:end --- */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DGEMMA_H */

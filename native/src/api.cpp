@@ -1,0 +1,188 @@
+// The C ABI (dgemma.h). The only file that knows about it: every entry point catches C++
+// exceptions, records the message for dg_last_error() and returns a status.
+#include "dgemma.h"
+
+#include "devices.h"
+#include "error.h"
+#include "gguf_model.h"
+
+#include "ggml.h"
+
+#include <memory>
+#include <new>
+
+#ifndef DGEMMA_VERSION_STRING
+#    define DGEMMA_VERSION_STRING "0.0.0"
+#endif
+
+struct dg_model {
+    std::unique_ptr<dg::GgufModel> impl;
+};
+
+namespace {
+
+template <typename Fn>
+dg_status guarded(Fn && fn) {
+    try {
+        fn();
+        return DG_OK;
+    } catch (const dg::Error & e) {
+        dg::set_last_error(e.what());
+        return e.status();
+    } catch (const std::bad_alloc &) {
+        dg::set_last_error("out of memory");
+        return DG_ERR_OUT_OF_MEMORY;
+    } catch (const std::exception & e) {
+        dg::set_last_error(std::string("internal error: ") + e.what());
+        return DG_ERR_BACKEND;
+    } catch (...) {
+        dg::set_last_error("internal error: unknown exception");
+        return DG_ERR_BACKEND;
+    }
+}
+
+dg_status invalid(const char * what) {
+    dg::set_last_error(what);
+    return DG_ERR_INVALID_ARG;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char * dg_last_error(void) { return dg::last_error(); }
+
+const char * dg_status_name(dg_status status) {
+    switch (status) {
+        case DG_OK:                return "DG_OK";
+        case DG_ERR_INVALID_ARG:   return "DG_ERR_INVALID_ARG";
+        case DG_ERR_IO:            return "DG_ERR_IO";
+        case DG_ERR_FORMAT:        return "DG_ERR_FORMAT";
+        case DG_ERR_UNSUPPORTED:   return "DG_ERR_UNSUPPORTED";
+        case DG_ERR_OUT_OF_MEMORY: return "DG_ERR_OUT_OF_MEMORY";
+        case DG_ERR_BACKEND:       return "DG_ERR_BACKEND";
+    }
+    return "DG_ERR_UNKNOWN";
+}
+
+const char * dg_version(void) { return DGEMMA_VERSION_STRING; }
+
+const char * dg_ggml_version(void) { return ggml_version(); }
+
+size_t dg_device_count(void) { return dg::device_count(); }
+
+dg_status dg_device_get(size_t index, dg_device_info * out) {
+    if (out == nullptr) {
+        return invalid("dg_device_get: out is NULL");
+    }
+    return guarded([&] { *out = dg::device_info(index); });
+}
+
+dg_model_params dg_model_default_params(void) {
+    dg_model_params p{};
+    p.device    = "auto";
+    p.n_threads = 0;
+    p.use_mmap  = true;
+    return p;
+}
+
+dg_status dg_model_load(const char * path, const dg_model_params * params, dg_model ** out_model) {
+    if (out_model == nullptr) {
+        return invalid("dg_model_load: out_model is NULL");
+    }
+    *out_model = nullptr;
+    if (path == nullptr || path[0] == '\0') {
+        return invalid("dg_model_load: empty path");
+    }
+    const dg_model_params p = params != nullptr ? *params : dg_model_default_params();
+    return guarded([&] {
+        std::unique_ptr<dg_model> model(new dg_model());
+        model->impl = dg::GgufModel::load(path, p);
+        *out_model  = model.release();
+    });
+}
+
+void dg_model_free(dg_model * model) { delete model; }
+
+const char * dg_model_device(const dg_model * model) {
+    return model != nullptr ? model->impl->device_name().c_str() : "";
+}
+
+int32_t dg_model_n_threads(const dg_model * model) { return model != nullptr ? model->impl->n_threads() : 0; }
+
+dg_status dg_model_hparams(const dg_model * model, dg_hparams * out) {
+    if (model == nullptr || out == nullptr) {
+        return invalid("dg_model_hparams: NULL argument");
+    }
+    *out = model->impl->hparams();
+    return DG_OK;
+}
+
+dg_status dg_model_layer(const dg_model * model, uint32_t layer, dg_layer_info * out) {
+    if (model == nullptr || out == nullptr) {
+        return invalid("dg_model_layer: NULL argument");
+    }
+    const auto & layers = model->impl->layers();
+    if (layer >= layers.size()) {
+        dg::set_last_error(dg::format("layer %u out of range (model has %zu layers)", layer, layers.size()));
+        return DG_ERR_INVALID_ARG;
+    }
+    const dg::LayerLayout & l = layers[layer];
+    out->is_sliding = l.is_sliding;
+    out->n_head_kv  = l.n_head_kv;
+    out->head_dim   = l.head_dim;
+    out->has_v_proj = l.has_v_proj;
+    return DG_OK;
+}
+
+size_t dg_model_n_tensors(const dg_model * model) { return model != nullptr ? model->impl->tensors().size() : 0; }
+
+dg_status dg_model_tensor(const dg_model * model, size_t index, dg_tensor_info * out) {
+    if (model == nullptr || out == nullptr) {
+        return invalid("dg_model_tensor: NULL argument");
+    }
+    const auto & tensors = model->impl->tensors();
+    if (index >= tensors.size()) {
+        dg::set_last_error(dg::format("tensor index %zu out of range (%zu tensors)", index, tensors.size()));
+        return DG_ERR_INVALID_ARG;
+    }
+    const dg::TensorRecord & t = tensors[index];
+    out->name        = t.name.c_str();
+    out->type        = t.type;
+    out->type_name   = ggml_type_name(static_cast<ggml_type>(t.type));
+    out->n_dims      = t.n_dims;
+    for (int d = 0; d < 4; ++d) {
+        out->ne[d] = t.ne[d];
+    }
+    out->n_bytes     = t.n_bytes;
+    out->file_offset = t.file_offset;
+    return DG_OK;
+}
+
+size_t dg_model_n_meta(const dg_model * model) { return model != nullptr ? model->impl->meta().size() : 0; }
+
+const char * dg_model_meta_key(const dg_model * model, size_t index) {
+    if (model == nullptr || index >= model->impl->meta().size()) {
+        return nullptr;
+    }
+    return model->impl->meta()[index].key.c_str();
+}
+
+const char * dg_model_meta_value(const dg_model * model, size_t index) {
+    if (model == nullptr || index >= model->impl->meta().size()) {
+        return nullptr;
+    }
+    return model->impl->meta()[index].value.c_str();
+}
+
+const char * dg_model_meta_get(const dg_model * model, const char * key) {
+    if (model == nullptr || key == nullptr) {
+        return nullptr;
+    }
+    const dg::MetaRecord * m = model->impl->find_meta(key);
+    return m != nullptr ? m->value.c_str() : nullptr;
+}
+
+uint64_t dg_model_file_size(const dg_model * model) { return model != nullptr ? model->impl->file_size() : 0; }
+
+}  // extern "C"

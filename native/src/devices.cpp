@@ -1,0 +1,87 @@
+#include "devices.h"
+
+#include "error.h"
+
+#include "ggml-backend.h"
+
+#include <cctype>
+
+namespace dg {
+
+namespace {
+
+dg_device_type to_dg_type(enum ggml_backend_dev_type type) {
+    switch (type) {
+        case GGML_BACKEND_DEVICE_TYPE_GPU:   return DG_DEVICE_GPU;
+        case GGML_BACKEND_DEVICE_TYPE_IGPU:  return DG_DEVICE_IGPU;
+        case GGML_BACKEND_DEVICE_TYPE_ACCEL: return DG_DEVICE_ACCEL;
+        case GGML_BACKEND_DEVICE_TYPE_CPU:
+        default:                             return DG_DEVICE_CPU;
+    }
+}
+
+bool equals_ignore_case(const std::string & a, const std::string & b) {
+    if (a.size() != b.size()) {
+        return false;
+    }
+    for (size_t i = 0; i < a.size(); ++i) {
+        if (std::tolower(static_cast<unsigned char>(a[i])) != std::tolower(static_cast<unsigned char>(b[i]))) {
+            return false;
+        }
+    }
+    return true;
+}
+
+}  // namespace
+
+size_t device_count() { return ggml_backend_dev_count(); }
+
+dg_device_info device_info(size_t index) {
+    if (index >= ggml_backend_dev_count()) {
+        fail(DG_ERR_INVALID_ARG, format("device index %zu out of range (%zu devices)", index, ggml_backend_dev_count()));
+    }
+    ggml_backend_dev_t dev = ggml_backend_dev_get(index);
+    dg_device_info info{};
+    info.name        = ggml_backend_dev_name(dev);
+    info.description = ggml_backend_dev_description(dev);
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+    info.backend     = reg ? ggml_backend_reg_name(reg) : "";
+    info.type        = to_dg_type(ggml_backend_dev_type(dev));
+    size_t free = 0, total = 0;
+    ggml_backend_dev_memory(dev, &free, &total);
+    info.memory_free  = free;
+    info.memory_total = total;
+    return info;
+}
+
+ggml_backend_device * resolve_device(const std::string & request) {
+    const size_t n = ggml_backend_dev_count();
+    if (request.empty() || equals_ignore_case(request, "auto")) {
+        for (size_t i = 0; i < n; ++i) {
+            ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+            if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU) {
+                return dev;
+            }
+        }
+        ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        if (cpu == nullptr) {
+            fail(DG_ERR_BACKEND, "no usable ggml device: the CPU backend is not registered");
+        }
+        return cpu;
+    }
+    for (size_t i = 0; i < n; ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        const bool is_cpu = ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+        if (equals_ignore_case(request, ggml_backend_dev_name(dev)) || (is_cpu && equals_ignore_case(request, "cpu"))) {
+            return dev;
+        }
+    }
+    std::string available;
+    for (size_t i = 0; i < n; ++i) {
+        available += (i ? ", " : "");
+        available += ggml_backend_dev_name(ggml_backend_dev_get(i));
+    }
+    fail(DG_ERR_INVALID_ARG, format("unknown device '%s' (available: auto, %s)", request.c_str(), available.c_str()));
+}
+
+}  // namespace dg

@@ -1,0 +1,589 @@
+#include "gguf_model.h"
+
+#include "devices.h"
+#include "error.h"
+#include "gguf_schema.h"
+
+#include "ggml-backend.h"
+#include "ggml.h"
+#include "gguf.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+namespace dg {
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// ggml reports gguf parse errors through its log callback. While a thread parses, its error lines
+// are collected so the caller gets ggml's precise reason instead of a generic failure.
+
+thread_local std::vector<std::string> * t_log_lines = nullptr;
+ggml_log_callback                       g_prev_log_cb = nullptr;
+void *                                  g_prev_log_ud = nullptr;
+std::once_flag                          g_log_once;
+
+void log_callback(enum ggml_log_level level, const char * text, void * /*user_data*/) {
+    if (t_log_lines != nullptr) {
+        if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) {
+            t_log_lines->emplace_back(text ? text : "");
+        }
+        return;
+    }
+    if (g_prev_log_cb != nullptr) {
+        g_prev_log_cb(level, text, g_prev_log_ud);
+    }
+}
+
+class LogCapture {
+public:
+    LogCapture() {
+        std::call_once(g_log_once, [] {
+            ggml_log_get(&g_prev_log_cb, &g_prev_log_ud);
+            ggml_log_set(log_callback, nullptr);
+        });
+        t_log_lines = &lines_;
+    }
+    ~LogCapture() { t_log_lines = nullptr; }
+
+    // First error line without ggml's "function_name: " prefix and trailing newline.
+    std::string first_line() const {
+        for (const std::string & raw : lines_) {
+            std::string line = raw;
+            while (!line.empty() && (line.back() == '\n' || line.back() == ' ')) {
+                line.pop_back();
+            }
+            const size_t colon = line.find(": ");
+            if (colon != std::string::npos && line.find(' ') > colon) {
+                line = line.substr(colon + 2);
+            }
+            if (!line.empty()) {
+                return line;
+            }
+        }
+        return "";
+    }
+
+private:
+    std::vector<std::string> lines_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Typed access to gguf metadata that never trips ggml's type assertions.
+
+bool is_integer(enum gguf_type t) {
+    switch (t) {
+        case GGUF_TYPE_UINT8: case GGUF_TYPE_INT8: case GGUF_TYPE_UINT16: case GGUF_TYPE_INT16:
+        case GGUF_TYPE_UINT32: case GGUF_TYPE_INT32: case GGUF_TYPE_UINT64: case GGUF_TYPE_INT64:
+            return true;
+        default:
+            return false;
+    }
+}
+
+bool is_float(enum gguf_type t) { return t == GGUF_TYPE_FLOAT32 || t == GGUF_TYPE_FLOAT64; }
+
+std::string type_label(const gguf_context * g, int64_t id) {
+    const enum gguf_type t = gguf_get_kv_type(g, id);
+    if (t == GGUF_TYPE_ARRAY) {
+        return format("array of %s", gguf_type_name(gguf_get_arr_type(g, id)));
+    }
+    return gguf_type_name(t);
+}
+
+// Reads element i of an integer scalar (i = 0) or integer array as int64.
+int64_t integer_at(const gguf_context * g, int64_t id, size_t i) {
+    const bool is_arr = gguf_get_kv_type(g, id) == GGUF_TYPE_ARRAY;
+    const enum gguf_type t = is_arr ? gguf_get_arr_type(g, id) : gguf_get_kv_type(g, id);
+    const void * p = is_arr ? gguf_get_arr_data(g, id) : gguf_get_val_data(g, id);
+    switch (t) {
+        case GGUF_TYPE_UINT8:  return static_cast<const uint8_t *>(p)[i];
+        case GGUF_TYPE_INT8:   return static_cast<const int8_t *>(p)[i];
+        case GGUF_TYPE_UINT16: return static_cast<const uint16_t *>(p)[i];
+        case GGUF_TYPE_INT16:  return static_cast<const int16_t *>(p)[i];
+        case GGUF_TYPE_UINT32: return static_cast<const uint32_t *>(p)[i];
+        case GGUF_TYPE_INT32:  return static_cast<const int32_t *>(p)[i];
+        case GGUF_TYPE_UINT64: {
+            const uint64_t v = static_cast<const uint64_t *>(p)[i];
+            return v > static_cast<uint64_t>(INT64_MAX) ? -1 : static_cast<int64_t>(v);
+        }
+        case GGUF_TYPE_INT64:  return static_cast<const int64_t *>(p)[i];
+        default:               return 0;
+    }
+}
+
+double float_at(const gguf_context * g, int64_t id, size_t i) {
+    const bool is_arr = gguf_get_kv_type(g, id) == GGUF_TYPE_ARRAY;
+    const enum gguf_type t = is_arr ? gguf_get_arr_type(g, id) : gguf_get_kv_type(g, id);
+    const void * p = is_arr ? gguf_get_arr_data(g, id) : gguf_get_val_data(g, id);
+    if (t == GGUF_TYPE_FLOAT64) {
+        return static_cast<const double *>(p)[i];
+    }
+    return static_cast<const float *>(p)[i];
+}
+
+bool has_type(const gguf_context * g, int64_t id, schema::KeyType want) {
+    const enum gguf_type t = gguf_get_kv_type(g, id);
+    const bool arr = t == GGUF_TYPE_ARRAY;
+    const enum gguf_type at = arr ? gguf_get_arr_type(g, id) : GGUF_TYPE_COUNT;
+    switch (want) {
+        case schema::KeyType::UINT:          return is_integer(t);
+        case schema::KeyType::FLOAT:         return is_float(t);
+        case schema::KeyType::BOOL:          return t == GGUF_TYPE_BOOL;
+        case schema::KeyType::STRING:        return t == GGUF_TYPE_STRING;
+        case schema::KeyType::UINT_OR_ARRAY: return is_integer(t) || (arr && is_integer(at));
+        case schema::KeyType::BOOL_ARRAY:    return arr && at == GGUF_TYPE_BOOL;
+        case schema::KeyType::STRING_ARRAY:  return arr && at == GGUF_TYPE_STRING;
+        case schema::KeyType::INT_ARRAY:     return arr && is_integer(at);
+        case schema::KeyType::FLOAT_ARRAY:   return arr && is_float(at);
+    }
+    return false;
+}
+
+const char * expected_label(schema::KeyType want) {
+    switch (want) {
+        case schema::KeyType::UINT:          return "an unsigned integer";
+        case schema::KeyType::FLOAT:         return "a float";
+        case schema::KeyType::BOOL:          return "a bool";
+        case schema::KeyType::STRING:        return "a string";
+        case schema::KeyType::UINT_OR_ARRAY: return "an integer or an array of integers";
+        case schema::KeyType::BOOL_ARRAY:    return "an array of bool";
+        case schema::KeyType::STRING_ARRAY:  return "an array of strings";
+        case schema::KeyType::INT_ARRAY:     return "an array of integers";
+        case schema::KeyType::FLOAT_ARRAY:   return "an array of floats";
+    }
+    return "?";
+}
+
+std::string render_scalar(const gguf_context * g, int64_t id, enum gguf_type t, size_t i, bool quote) {
+    if (is_integer(t)) {
+        if (t == GGUF_TYPE_UINT64) {
+            const bool arr = gguf_get_kv_type(g, id) == GGUF_TYPE_ARRAY;
+            const void * p = arr ? gguf_get_arr_data(g, id) : gguf_get_val_data(g, id);
+            return format("%llu", static_cast<unsigned long long>(static_cast<const uint64_t *>(p)[i]));
+        }
+        return format("%lld", static_cast<long long>(integer_at(g, id, i)));
+    }
+    if (is_float(t)) {
+        return format("%.9g", float_at(g, id, i));
+    }
+    if (t == GGUF_TYPE_BOOL) {
+        const bool arr = gguf_get_kv_type(g, id) == GGUF_TYPE_ARRAY;
+        const void * p = arr ? gguf_get_arr_data(g, id) : gguf_get_val_data(g, id);
+        return static_cast<const int8_t *>(p)[i] ? "true" : "false";
+    }
+    if (t == GGUF_TYPE_STRING) {
+        const bool arr = gguf_get_kv_type(g, id) == GGUF_TYPE_ARRAY;
+        std::string s = arr ? gguf_get_arr_str(g, id, i) : gguf_get_val_str(g, id);
+        return quote ? "'" + s + "'" : s;
+    }
+    return "?";
+}
+
+std::string render_value(const gguf_context * g, int64_t id) {
+    constexpr size_t kMaxItems = 8;
+    const enum gguf_type t = gguf_get_kv_type(g, id);
+    if (t != GGUF_TYPE_ARRAY) {
+        return render_scalar(g, id, t, 0, false);
+    }
+    const enum gguf_type at = gguf_get_arr_type(g, id);
+    const size_t n = gguf_get_arr_n(g, id);
+    if (at == GGUF_TYPE_ARRAY) {
+        return format("[...] (%zu nested arrays)", n);
+    }
+    std::string out = "[";
+    for (size_t i = 0; i < n && i < kMaxItems; ++i) {
+        out += (i ? ", " : "") + render_scalar(g, id, at, i, true);
+    }
+    out += n > kMaxItems ? ", ...]" : "]";
+    out += format(" (%zu items)", n);
+    return out;
+}
+
+std::string shape_string(const int64_t * ne, int n) {
+    std::string out = "[";
+    for (int i = 0; i < n; ++i) {
+        out += format(i ? ", %lld" : "%lld", static_cast<long long>(ne[i]));
+    }
+    return out + "]";
+}
+
+bool is_float_type(int32_t type) {
+    return type == GGML_TYPE_F32 || type == GGML_TYPE_F16 || type == GGML_TYPE_BF16;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+GgufModel::~GgufModel() {
+    if (meta_ctx_ != nullptr) {
+        ggml_free(meta_ctx_);
+    }
+    if (gguf_ != nullptr) {
+        gguf_free(gguf_);
+    }
+}
+
+std::unique_ptr<GgufModel> GgufModel::load(const std::string & path, const dg_model_params & params) {
+    std::unique_ptr<GgufModel> model(new GgufModel());
+    model->file_.open(path, params.use_mmap);
+    model->parse(path);
+    model->read_hparams();
+    model->validate_tensors();
+
+    ggml_backend_dev_t dev = resolve_device(params.device != nullptr ? params.device : "auto");
+    model->device_name_ = ggml_backend_dev_name(dev);
+    int32_t n_threads = params.n_threads;
+    if (n_threads <= 0) {
+        n_threads = static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
+    }
+    model->n_threads_ = n_threads;
+    return model;
+}
+
+const TensorRecord * GgufModel::find_tensor(const std::string & name) const {
+    const auto it = tensor_index_.find(name);
+    return it == tensor_index_.end() ? nullptr : &tensors_[it->second];
+}
+
+const MetaRecord * GgufModel::find_meta(const std::string & key) const {
+    const auto it = meta_index_.find(key);
+    return it == meta_index_.end() ? nullptr : &meta_[it->second];
+}
+
+void GgufModel::parse(const std::string & path) {
+    static const char kMagic[4] = {'G', 'G', 'U', 'F'};
+    if (file_.size() < sizeof(kMagic) || std::memcmp(file_.data(), kMagic, sizeof(kMagic)) != 0) {
+        fail(DG_ERR_FORMAT, format("not a GGUF file: '%s' does not start with the GGUF magic", path.c_str()));
+    }
+
+    {
+        LogCapture capture;
+        gguf_init_params gp{};
+        gp.no_alloc = true;
+        gp.ctx      = &meta_ctx_;
+        gguf_ = gguf_init_from_buffer(file_.data(), static_cast<size_t>(file_.size()), gp);
+        if (gguf_ == nullptr) {
+            std::string why = capture.first_line();
+            if (why.empty()) {
+                why = "unreadable header";
+            }
+            fail(DG_ERR_FORMAT, format("invalid GGUF file '%s': %s", path.c_str(), why.c_str()));
+        }
+    }
+
+    const int64_t n_kv = gguf_get_n_kv(gguf_);
+    meta_.reserve(static_cast<size_t>(n_kv));
+    for (int64_t id = 0; id < n_kv; ++id) {
+        meta_index_[gguf_get_key(gguf_, id)] = meta_.size();
+        meta_.push_back({gguf_get_key(gguf_, id), render_value(gguf_, id)});
+    }
+
+    const int64_t arch_id = gguf_find_key(gguf_, "general.architecture");
+    if (arch_id < 0) {
+        fail(DG_ERR_FORMAT, "missing required key 'general.architecture'");
+    }
+    if (gguf_get_kv_type(gguf_, arch_id) != GGUF_TYPE_STRING) {
+        fail(DG_ERR_FORMAT, format("key 'general.architecture' has type %s, expected a string",
+                                   type_label(gguf_, arch_id).c_str()));
+    }
+    const std::string arch = gguf_get_val_str(gguf_, arch_id);
+    if (arch != schema::kArchitecture) {
+        fail(DG_ERR_FORMAT, format("unsupported architecture '%s': this runtime runs '%s' GGUF files",
+                                   arch.c_str(), schema::kArchitecture));
+    }
+
+    // Tensor records, and the truncation check: the data of every tensor must lie inside the file.
+    const uint64_t data_offset = gguf_get_data_offset(gguf_);
+    const int64_t  n_tensors   = gguf_get_n_tensors(gguf_);
+    tensors_.reserve(static_cast<size_t>(n_tensors));
+    uint64_t data_end = data_offset;
+    for (int64_t i = 0; i < n_tensors; ++i) {
+        const char *         name = gguf_get_tensor_name(gguf_, i);
+        const ggml_tensor *  t    = ggml_get_tensor(meta_ctx_, name);
+        if (t == nullptr) {
+            fail(DG_ERR_FORMAT, format("invalid GGUF file '%s': tensor '%s' has no shape", path.c_str(), name));
+        }
+        TensorRecord rec;
+        rec.name        = name;
+        rec.type        = static_cast<int32_t>(gguf_get_tensor_type(gguf_, i));
+        rec.n_dims      = ggml_n_dims(t);
+        for (int d = 0; d < 4; ++d) {
+            rec.ne[d] = t->ne[d];
+        }
+        rec.n_bytes     = ggml_nbytes(t);
+        rec.file_offset = data_offset + gguf_get_tensor_offset(gguf_, i);
+        data_end        = std::max<uint64_t>(data_end, rec.file_offset + rec.n_bytes);
+        tensor_index_[rec.name] = tensors_.size();
+        tensors_.push_back(std::move(rec));
+    }
+    if (data_end > file_.size()) {
+        fail(DG_ERR_FORMAT, format("file truncated: tensor data ends at byte %llu but file has %llu",
+                                   static_cast<unsigned long long>(data_end),
+                                   static_cast<unsigned long long>(file_.size())));
+    }
+    for (TensorRecord & rec : tensors_) {
+        rec.data = file_.data() + rec.file_offset;
+    }
+}
+
+void GgufModel::read_hparams() {
+    const gguf_context * g = gguf_;
+
+    for (size_t k = 0; k < schema::kNumRequiredKeys; ++k) {
+        const schema::KeySpec & spec = schema::kRequiredKeys[k];
+        const int64_t id = gguf_find_key(g, spec.name);
+        if (id < 0) {
+            fail(DG_ERR_FORMAT, format("missing required key '%s'", spec.name));
+        }
+        if (!has_type(g, id, spec.type)) {
+            fail(DG_ERR_FORMAT, format("key '%s' has type %s, expected %s", spec.name,
+                                       type_label(g, id).c_str(), expected_label(spec.type)));
+        }
+    }
+    for (size_t k = 0; k < schema::kNumOptionalKeys; ++k) {
+        const schema::KeySpec & spec = schema::kOptionalKeys[k];
+        const int64_t id = gguf_find_key(g, spec.name);
+        if (id >= 0 && !has_type(g, id, spec.type)) {
+            fail(DG_ERR_FORMAT, format("key '%s' has type %s, expected %s", spec.name,
+                                       type_label(g, id).c_str(), expected_label(spec.type)));
+        }
+    }
+
+    // Integer hyper-parameters must be positive and fit in 32 bits.
+    auto u32 = [g](const char * key, bool allow_zero = false) -> uint32_t {
+        const int64_t id = gguf_find_key(g, key);
+        const int64_t v  = integer_at(g, id, 0);
+        if (v < (allow_zero ? 0 : 1) || v > static_cast<int64_t>(UINT32_MAX)) {
+            fail(DG_ERR_FORMAT, format("key '%s' has invalid value %lld", key, static_cast<long long>(v)));
+        }
+        return static_cast<uint32_t>(v);
+    };
+    auto f32 = [g](const char * key) -> float {
+        const double v = float_at(g, gguf_find_key(g, key), 0);
+        if (!std::isfinite(v)) {
+            fail(DG_ERR_FORMAT, format("key '%s' is not a finite number", key));
+        }
+        return static_cast<float>(v);
+    };
+    auto has = [g](const char * key) { return gguf_find_key(g, key) >= 0; };
+
+    dg_hparams & hp = hparams_;
+    hp.n_ctx_train   = u32("diffusion-gemma.context_length");
+    hp.n_embd        = u32("diffusion-gemma.embedding_length");
+    hp.n_layer       = u32("diffusion-gemma.block_count");
+    hp.n_head        = u32("diffusion-gemma.attention.head_count");
+    hp.n_ff          = u32("diffusion-gemma.feed_forward_length");
+    hp.n_ff_exp      = u32("diffusion-gemma.expert_feed_forward_length");
+    hp.n_expert      = u32("diffusion-gemma.expert_count");
+    hp.n_expert_used = u32("diffusion-gemma.expert_used_count");
+    hp.head_dim      = u32("diffusion-gemma.attention.key_length");
+    hp.head_dim_swa  = u32("diffusion-gemma.attention.key_length_swa");
+    hp.sliding_window = u32("diffusion-gemma.attention.sliding_window");
+    hp.canvas_length = u32("diffusion.canvas_length");
+    hp.n_rot_swa     = u32("diffusion-gemma.rope.dimension_count_swa");
+    hp.n_rot         = has("diffusion-gemma.rope.dimension_count") ? u32("diffusion-gemma.rope.dimension_count")
+                                                                   : hp.head_dim;
+    hp.rope_freq_base     = f32("diffusion-gemma.rope.freq_base");
+    hp.rope_freq_base_swa = has("diffusion-gemma.rope.freq_base_swa") ? f32("diffusion-gemma.rope.freq_base_swa")
+                                                                      : 10000.0f;
+    hp.rms_norm_eps        = f32("diffusion-gemma.attention.layer_norm_rms_epsilon");
+    hp.final_logit_softcap = f32("diffusion-gemma.final_logit_softcapping");
+
+    if (hp.n_layer > 4096) {
+        fail(DG_ERR_FORMAT, format("key 'diffusion-gemma.block_count' has implausible value %u", hp.n_layer));
+    }
+    if (hp.n_expert_used > hp.n_expert) {
+        fail(DG_ERR_FORMAT, format("expert_used_count (%u) exceeds expert_count (%u)", hp.n_expert_used, hp.n_expert));
+    }
+    if (u32("diffusion-gemma.attention.value_length") != hp.head_dim) {
+        fail(DG_ERR_FORMAT, "attention.value_length must equal attention.key_length");
+    }
+    if (u32("diffusion-gemma.attention.value_length_swa") != hp.head_dim_swa) {
+        fail(DG_ERR_FORMAT, "attention.value_length_swa must equal attention.key_length_swa");
+    }
+    if (hp.n_rot % 2 != 0 || hp.n_rot > hp.head_dim) {
+        fail(DG_ERR_FORMAT, format("rope.dimension_count (%u) must be even and at most key_length (%u)", hp.n_rot, hp.head_dim));
+    }
+    if (hp.n_rot_swa % 2 != 0 || hp.n_rot_swa > hp.head_dim_swa) {
+        fail(DG_ERR_FORMAT, format("rope.dimension_count_swa (%u) must be even and at most key_length_swa (%u)",
+                                   hp.n_rot_swa, hp.head_dim_swa));
+    }
+    if (!(hp.rms_norm_eps > 0.0f)) {
+        fail(DG_ERR_FORMAT, "attention.layer_norm_rms_epsilon must be positive");
+    }
+    if (hp.final_logit_softcap < 0.0f) {
+        fail(DG_ERR_FORMAT, "final_logit_softcapping must not be negative");
+    }
+
+    // Per-layer layout: sliding pattern and KV head counts.
+    const int64_t pattern_id = gguf_find_key(g, "diffusion-gemma.attention.sliding_window_pattern");
+    const size_t  pattern_n  = gguf_get_arr_n(g, pattern_id);
+    if (pattern_n != hp.n_layer) {
+        fail(DG_ERR_FORMAT, format("attention.sliding_window_pattern has %zu entries, expected block_count = %u",
+                                   pattern_n, hp.n_layer));
+    }
+    const int8_t * pattern = static_cast<const int8_t *>(gguf_get_arr_data(g, pattern_id));
+    const int64_t  kv_id   = gguf_find_key(g, "diffusion-gemma.attention.head_count_kv");
+    const bool     kv_arr  = gguf_get_kv_type(g, kv_id) == GGUF_TYPE_ARRAY;
+    if (kv_arr && gguf_get_arr_n(g, kv_id) != hp.n_layer) {
+        fail(DG_ERR_FORMAT, format("attention.head_count_kv has %zu entries, expected block_count = %u",
+                                   gguf_get_arr_n(g, kv_id), hp.n_layer));
+    }
+    layers_.resize(hp.n_layer);
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        LayerLayout & layer = layers_[il];
+        layer.is_sliding = pattern[il] != 0;
+        layer.head_dim   = layer.is_sliding ? hp.head_dim_swa : hp.head_dim;
+        const int64_t n_kv = integer_at(g, kv_id, kv_arr ? il : 0);
+        if (n_kv < 1 || n_kv > hp.n_head || hp.n_head % n_kv != 0) {
+            fail(DG_ERR_FORMAT, format("layer %u: head_count_kv = %lld must divide head_count = %u", il,
+                                       static_cast<long long>(n_kv), hp.n_head));
+        }
+        layer.n_head_kv = static_cast<uint32_t>(n_kv);
+    }
+
+    // Tokenizer.
+    const int64_t tok_model_id = gguf_find_key(g, "tokenizer.ggml.model");
+    const std::string tok_model = gguf_get_val_str(g, tok_model_id);
+    if (tok_model != schema::kTokenizerModel) {
+        fail(DG_ERR_FORMAT, format("unsupported tokenizer.ggml.model '%s' (expected '%s')", tok_model.c_str(),
+                                   schema::kTokenizerModel));
+    }
+    const size_t n_vocab = gguf_get_arr_n(g, gguf_find_key(g, "tokenizer.ggml.tokens"));
+    if (n_vocab == 0 || n_vocab > UINT32_MAX) {
+        fail(DG_ERR_FORMAT, format("tokenizer.ggml.tokens has %zu entries", n_vocab));
+    }
+    hp.n_vocab = static_cast<uint32_t>(n_vocab);
+    for (const char * key : {"tokenizer.ggml.scores", "tokenizer.ggml.token_type"}) {
+        const int64_t id = gguf_find_key(g, key);
+        if (id >= 0 && gguf_get_arr_n(g, id) != n_vocab) {
+            fail(DG_ERR_FORMAT, format("%s has %zu entries but the vocabulary has %zu tokens", key,
+                                       gguf_get_arr_n(g, id), n_vocab));
+        }
+    }
+}
+
+void GgufModel::validate_tensors() {
+    const dg_hparams & hp = hparams_;
+
+    auto resolve = [&hp](schema::Dim d, const LayerLayout * layer) -> int64_t {
+        using schema::Dim;
+        switch (d) {
+            case Dim::NONE:       return 1;
+            case Dim::ONE:        return 1;
+            case Dim::EMBD:       return hp.n_embd;
+            case Dim::VOCAB:      return hp.n_vocab;
+            case Dim::FF:         return hp.n_ff;
+            case Dim::FF_EXP:     return hp.n_ff_exp;
+            case Dim::FF_EXP_X2:  return 2 * static_cast<int64_t>(hp.n_ff_exp);
+            case Dim::EXPERT:     return hp.n_expert;
+            case Dim::HEAD_DIM:   return layer->head_dim;
+            case Dim::Q_WIDTH:    return static_cast<int64_t>(hp.n_head) * layer->head_dim;
+            case Dim::KV_WIDTH:   return static_cast<int64_t>(layer->n_head_kv) * layer->head_dim;
+            case Dim::ROPE_PAIRS: return hp.n_rot / 2;
+        }
+        return 0;
+    };
+
+    // Checks shape and type of a present tensor; returns false when it is absent.
+    auto check = [&](const std::string & name, const schema::TensorSpec & spec, const LayerLayout * layer) -> bool {
+        const TensorRecord * t = find_tensor(name);
+        if (t == nullptr) {
+            return false;
+        }
+        int64_t want[4] = {1, 1, 1, 1};
+        int     n_want  = 0;
+        for (int d = 0; d < 3; ++d) {
+            if (spec.dims[d] != schema::Dim::NONE) {
+                want[d] = resolve(spec.dims[d], layer);
+                n_want  = d + 1;
+            }
+        }
+        if (!std::equal(want, want + 4, t->ne)) {
+            fail(DG_ERR_FORMAT, format("tensor '%s' has shape %s, expected %s", name.c_str(),
+                                       shape_string(t->ne, std::max(t->n_dims, 1)).c_str(),
+                                       shape_string(want, n_want).c_str()));
+        }
+        if (spec.kind == schema::Kind::VECTOR && !is_float_type(t->type)) {
+            fail(DG_ERR_UNSUPPORTED, format("unsupported tensor type: '%s' is %s; norms, scales and rope "
+                                            "frequencies must be f32, f16 or bf16",
+                                            name.c_str(), ggml_type_name(static_cast<ggml_type>(t->type))));
+        }
+        return true;
+    };
+    auto missing = [](const std::string & name) { fail(DG_ERR_FORMAT, format("missing tensor '%s'", name.c_str())); };
+
+    // Global tensors.
+    int         self_cond_matrices = 0;
+    bool        self_cond_norm     = false;
+    std::string first_missing_self_cond;
+    for (size_t k = 0; k < schema::kNumGlobalTensors; ++k) {
+        const schema::TensorSpec & spec = schema::kGlobalTensors[k];
+        const bool present = check(spec.name, spec, nullptr);
+        switch (spec.need) {
+            case schema::Need::REQUIRED:
+                if (!present) missing(spec.name);
+                break;
+            case schema::Need::SELF_COND:
+                self_cond_matrices += present ? 1 : 0;
+                if (!present && first_missing_self_cond.empty()) first_missing_self_cond = spec.name;
+                break;
+            case schema::Need::SELF_COND_NORM:
+                self_cond_norm = self_cond_norm || present;
+                break;
+            default:
+                break;
+        }
+    }
+    hparams_.has_output_weight = find_tensor("output.weight") != nullptr;
+    if (self_cond_matrices > 0 || self_cond_norm) {
+        if (!self_cond_norm) {
+            fail(DG_ERR_FORMAT, "incomplete self-conditioning tensors: missing tensor 'self_cond_pre_norm.weight' "
+                                "(or 'self_cond_norm.weight')");
+        }
+        if (!first_missing_self_cond.empty()) {
+            fail(DG_ERR_FORMAT, format("incomplete self-conditioning tensors: missing tensor '%s'",
+                                       first_missing_self_cond.c_str()));
+        }
+        hparams_.has_self_conditioning = true;
+    }
+
+    // Per-layer tensors.
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        LayerLayout & layer  = layers_[il];
+        const std::string prefix = format("blk.%u.", il);
+        bool fused = false;
+        int  split = 0;
+        for (size_t k = 0; k < schema::kNumLayerTensors; ++k) {
+            const schema::TensorSpec & spec = schema::kLayerTensors[k];
+            const std::string name = prefix + spec.name;
+            const bool present = check(name, spec, &layer);
+            switch (spec.need) {
+                case schema::Need::REQUIRED:
+                    if (!present) missing(name);
+                    break;
+                case schema::Need::EXPERTS_FUSED:
+                    fused = present;
+                    break;
+                case schema::Need::EXPERTS_SPLIT:
+                    split += present ? 1 : 0;
+                    break;
+                default:
+                    break;
+            }
+        }
+        layer.has_v_proj = find_tensor(prefix + "attn_v.weight") != nullptr;
+        if (!fused && split != 2) {
+            fail(DG_ERR_FORMAT, format("missing tensor '%sffn_gate_up_exps.weight' (or both '%sffn_gate_exps.weight' "
+                                       "and '%sffn_up_exps.weight')", prefix.c_str(), prefix.c_str(), prefix.c_str()));
+        }
+    }
+}
+
+}  // namespace dg

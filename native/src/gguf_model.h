@@ -1,0 +1,80 @@
+// A DiffusionGemma GGUF file: mapped, parsed with ggml's gguf reader, validated against the
+// schema tables (gguf_schema.h), with the hyper-parameters it implies.
+#pragma once
+
+#include "dgemma.h"
+#include "mapped_file.h"
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+struct gguf_context;
+struct ggml_context;
+struct ggml_backend_device;
+
+namespace dg {
+
+struct LayerLayout {
+    bool     is_sliding = false;
+    uint32_t n_head_kv  = 0;
+    uint32_t head_dim   = 0;
+    bool     has_v_proj = false;
+};
+
+struct TensorRecord {
+    std::string     name;
+    int32_t         type = 0;  // ggml_type
+    int32_t         n_dims = 0;
+    int64_t         ne[4] = {1, 1, 1, 1};
+    uint64_t        n_bytes = 0;
+    uint64_t        file_offset = 0;
+    const uint8_t * data = nullptr;  // inside the mapping
+};
+
+struct MetaRecord {
+    std::string key;
+    std::string value;  // rendered as text
+};
+
+class GgufModel {
+public:
+    static std::unique_ptr<GgufModel> load(const std::string & path, const dg_model_params & params);
+    ~GgufModel();
+
+    GgufModel(const GgufModel &) = delete;
+    GgufModel & operator=(const GgufModel &) = delete;
+
+    const dg_hparams &               hparams() const { return hparams_; }
+    const std::vector<LayerLayout> & layers() const { return layers_; }
+    const std::vector<TensorRecord> & tensors() const { return tensors_; }
+    const std::vector<MetaRecord> &  meta() const { return meta_; }
+    const TensorRecord *             find_tensor(const std::string & name) const;
+    const MetaRecord *               find_meta(const std::string & key) const;
+    const std::string &              device_name() const { return device_name_; }
+    int32_t                          n_threads() const { return n_threads_; }
+    uint64_t                         file_size() const { return file_.size(); }
+
+private:
+    GgufModel() = default;
+
+    void parse(const std::string & path);
+    void read_hparams();
+    void validate_tensors();
+
+    MappedFile                                file_;
+    gguf_context *                            gguf_ = nullptr;
+    ggml_context *                            meta_ctx_ = nullptr;
+    dg_hparams                                hparams_{};
+    std::vector<LayerLayout>                  layers_;
+    std::vector<TensorRecord>                 tensors_;
+    std::unordered_map<std::string, size_t>   tensor_index_;
+    std::vector<MetaRecord>                   meta_;
+    std::unordered_map<std::string, size_t>   meta_index_;
+    std::string                               device_name_;
+    int32_t                                   n_threads_ = 1;
+};
+
+}  // namespace dg

@@ -1,0 +1,30 @@
+// A read-only view of a whole file: memory-mapped, or read into memory when mapping is off.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dg {
+
+class MappedFile {
+public:
+    MappedFile() = default;
+    ~MappedFile();
+    MappedFile(const MappedFile &) = delete;
+    MappedFile & operator=(const MappedFile &) = delete;
+
+    // Throws dg::Error (DG_ERR_IO) with a message naming the path.
+    void open(const std::string & path, bool use_mmap);
+
+    const uint8_t * data() const { return data_; }
+    uint64_t        size() const { return size_; }
+
+private:
+    const uint8_t *      data_ = nullptr;
+    uint64_t             size_ = 0;
+    void *               map_ = nullptr;
+    std::vector<uint8_t> buffer_;
+};
+
+}  // namespace dg

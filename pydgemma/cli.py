@@ -1,0 +1,193 @@
+"""The ``pydgemma`` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ._version import __version__
+from .errors import PydgemmaError
+
+app = typer.Typer(
+    name="pydgemma",
+    help="Run DiffusionGemma GGUF models on a CPU or a GPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_stdout = Console(highlight=False)
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit code 1."""
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from . import ggml_version, native_version
+
+        typer.echo(f"pydgemma {__version__} (native core {native_version()}, ggml {ggml_version()})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", "-V", help="Print the versions of pydgemma, its native core and ggml.",
+        callback=_version_callback, is_eager=True,
+    ),
+) -> None:
+    """Run DiffusionGemma GGUF models on a CPU or a GPU.
+
+    Examples:
+
+      pydgemma info -m model.gguf          describe a model file
+      pydgemma info -m model.gguf --json   the same, for scripts
+    """
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _type_histogram(model) -> dict[str, dict[str, int]]:
+    counts: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    for t in model.tensors.values():
+        counts[t.type] += 1
+        sizes[t.type] += t.n_bytes
+    return {name: {"count": counts[name], "bytes": sizes[name]} for name in sorted(counts, key=lambda k: -sizes[k])}
+
+
+def _info_dict(model, device_list) -> dict:
+    return {
+        "path": os.path.abspath(model.path),
+        "file_size": model.file_size,
+        "architecture": model.architecture,
+        "name": model.name,
+        "hparams": dict(model.hparams),
+        "layers": [
+            {"index": l.index, "sliding": l.is_sliding, "n_head_kv": l.n_head_kv, "head_dim": l.head_dim, "has_v_proj": l.has_v_proj}
+            for l in model.layers
+        ],
+        "tensor_count": len(model.tensors),
+        "tensor_types": _type_histogram(model),
+        "diffusion": {k: v for k, v in model.metadata.items() if k.startswith("diffusion.")},
+        "device": model.device,
+        "n_threads": model.n_threads,
+        "devices": [d.to_dict() for d in device_list],
+    }
+
+
+def _print_info(info: dict) -> None:
+    con = _stdout
+    con.print(f"[bold]{info['name']}[/bold]  {info['path']}")
+    con.print(f"architecture {info['architecture']}, {info['tensor_count']} tensors, {_human_bytes(info['file_size'])}")
+
+    hp = Table(title="hyper-parameters", show_header=False, title_justify="left")
+    hp.add_column("key", style="cyan")
+    hp.add_column("value", justify="right")
+    for key, value in info["hparams"].items():
+        hp.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+    con.print(hp)
+    con.print(f"layers: {_layer_pattern_from(info)}")
+
+    if info["diffusion"]:
+        diff = Table(title="diffusion metadata", show_header=False, title_justify="left")
+        diff.add_column("key", style="cyan")
+        diff.add_column("value", justify="right")
+        for key, value in info["diffusion"].items():
+            diff.add_row(key, value)
+        con.print(diff)
+
+    types = Table(title="tensor types", title_justify="left")
+    types.add_column("type", style="cyan")
+    types.add_column("tensors", justify="right")
+    types.add_column("size", justify="right")
+    for name, row in info["tensor_types"].items():
+        types.add_row(name, str(row["count"]), _human_bytes(row["bytes"]))
+    con.print(types)
+
+    devs = Table(title="devices", title_justify="left")
+    for col in ("name", "type", "description", "free", "total"):
+        devs.add_column(col, justify="right" if col in ("free", "total") else "left")
+    for d in info["devices"]:
+        mark = " *" if d["name"] == info["device"] else ""
+        devs.add_row(d["name"] + mark, d["type"], d["description"], _human_bytes(d["memory_free"]), _human_bytes(d["memory_total"]))
+    con.print(devs)
+    con.print(f"model device: {info['device']} (*), {info['n_threads']} CPU threads")
+
+
+def _layer_pattern_from(info: dict) -> str:
+    full = [l["index"] for l in info["layers"] if not l["sliding"]]
+    n_sliding = len(info["layers"]) - len(full)
+    shown = ", ".join(map(str, full[:12])) + (", ..." if len(full) > 12 else "")
+    return f"{n_sliding} sliding-window, {len(full)} full" + (f" (full: {shown})" if full else "")
+
+
+@app.command()
+def info(
+    model: Path = typer.Option(..., "--model", "-m", help="A DiffusionGemma .gguf file.", show_default=False),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    device: str = typer.Option("auto", "--device", "-d", help="'auto' (first GPU, else CPU), 'cpu', or a device name."),
+) -> None:
+    """Validate a model file and describe it: hyper-parameters, tensor types, devices.
+
+    Exits with status 1 and a one-line reason if the file is not a valid DiffusionGemma GGUF.
+    """
+    from .devices import devices
+    from .model import Model
+
+    with Model(model, device=device) as m:
+        data = _info_dict(m, devices())
+    if json_output:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        _print_info(data)
+
+
+def main() -> None:
+    """Entry point: runs the app and turns failures into one line on stderr and exit status 1."""
+    try:
+        rc = app(standalone_mode=False)
+    except (PydgemmaError, CliError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a click usage error, or a bug: still one line, never a traceback
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if os.environ.get("PYDGEMMA_DEBUG"):
+            raise
+        typer.echo(f"error: internal error: {type(exc).__name__}: {exc} (set PYDGEMMA_DEBUG=1 for a traceback)", err=True)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""A DiffusionGemma GGUF model: opened, memory-mapped and validated by the native core."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+from ._native import native
+from .errors import ModelError
+
+# dg_hparams fields, in the order of the C struct.
+HPARAM_FIELDS = (
+    "n_vocab",
+    "n_ctx_train",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_ff",
+    "n_ff_exp",
+    "n_expert",
+    "n_expert_used",
+    "head_dim",
+    "head_dim_swa",
+    "n_rot",
+    "n_rot_swa",
+    "sliding_window",
+    "canvas_length",
+    "rope_freq_base",
+    "rope_freq_base_swa",
+    "rms_norm_eps",
+    "final_logit_softcap",
+    "has_self_conditioning",
+    "has_output_weight",
+)
+
+
+class HParams(Mapping[str, Any]):
+    """Read-only hyper-parameters; both ``hp["n_embd"]`` and ``hp.n_embd`` work."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = dict(values)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"HParams({self._values!r})"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    index: int
+    is_sliding: bool
+    n_head_kv: int
+    head_dim: int
+    has_v_proj: bool
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    type: str  # ggml type name, e.g. "q4_K"
+    type_id: int  # ggml_type value
+    shape: tuple[int, ...]  # GGUF order: shape[0] is the row length
+    n_bytes: int
+    offset: int  # absolute byte offset of the data in the file
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Model:
+    """A validated DiffusionGemma GGUF file.
+
+    ``Model(path)`` maps the file and checks every key and tensor the runtime needs; any problem
+    raises :class:`ModelError` with the core's one-line message. ``device`` is ``"auto"`` (first
+    GPU, else CPU), ``"cpu"``, or a device name from :func:`pydgemma.devices`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        n_threads: int | None = None,
+        device: str = "auto",
+        use_mmap: bool = True,
+    ) -> None:
+        self._handle = None
+        self.path = os.fspath(path)
+        if n_threads is not None and n_threads < 1:
+            raise ModelError(f"n_threads must be at least 1, got {n_threads}", "DG_ERR_INVALID_ARG")
+        nat = native()
+        ffi, lib = nat.ffi, nat.lib
+        params = ffi.new("dg_model_params *", lib.dg_model_default_params())
+        device_c = ffi.new("char[]", device.encode("utf-8"))
+        params.device = device_c
+        params.n_threads = n_threads or 0
+        params.use_mmap = use_mmap
+        out = ffi.new("dg_model **")
+        status = lib.dg_model_load(os.fsencode(self.path), params, out)
+        if status != 0:
+            raise ModelError(nat.last_error(), nat.status_name(status))
+        self._handle = ffi.gc(out[0], lib.dg_model_free)
+        self._load_description()
+
+    def _load_description(self) -> None:
+        nat = native()
+        ffi, lib, h = nat.ffi, nat.lib, self._handle
+
+        hp = ffi.new("dg_hparams *")
+        self._check(lib.dg_model_hparams(h, hp))
+        self.hparams = HParams({name: getattr(hp, name) for name in HPARAM_FIELDS})
+
+        layers = []
+        info = ffi.new("dg_layer_info *")
+        for il in range(self.hparams["n_layer"]):
+            self._check(lib.dg_model_layer(h, il, info))
+            layers.append(LayerInfo(il, bool(info.is_sliding), int(info.n_head_kv), int(info.head_dim), bool(info.has_v_proj)))
+        self.layers: tuple[LayerInfo, ...] = tuple(layers)
+
+        tensors: dict[str, TensorInfo] = {}
+        ti = ffi.new("dg_tensor_info *")
+        for i in range(lib.dg_model_n_tensors(h)):
+            self._check(lib.dg_model_tensor(h, i, ti))
+            n_dims = max(int(ti.n_dims), 1)
+            name = nat.string(ti.name)
+            tensors[name] = TensorInfo(
+                name=name,
+                type=nat.string(ti.type_name),
+                type_id=int(ti.type),
+                shape=tuple(int(ti.ne[d]) for d in range(n_dims)),
+                n_bytes=int(ti.n_bytes),
+                offset=int(ti.file_offset),
+            )
+        self.tensors: Mapping[str, TensorInfo] = tensors
+
+        self.metadata: Mapping[str, str] = {
+            nat.string(lib.dg_model_meta_key(h, i)): nat.string(lib.dg_model_meta_value(h, i))
+            for i in range(lib.dg_model_n_meta(h))
+        }
+        self.device: str = nat.string(lib.dg_model_device(h))
+        self.n_threads: int = int(lib.dg_model_n_threads(h))
+        self.file_size: int = int(lib.dg_model_file_size(h))
+
+    def _check(self, status: int) -> None:
+        if status != 0:
+            nat = native()
+            raise ModelError(nat.last_error(), nat.status_name(status))
+
+    @property
+    def architecture(self) -> str:
+        return self.metadata.get("general.architecture", "")
+
+    @property
+    def name(self) -> str:
+        return self.metadata.get("general.name", os.path.basename(self.path))
+
+    def close(self) -> None:
+        """Unmaps the file now instead of at garbage collection. The model is unusable afterwards."""
+        if self._handle is not None:
+            native().ffi.release(self._handle)
+            self._handle = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        hp = getattr(self, "hparams", None)
+        size = f"{hp['n_layer']} layers, {hp['n_expert']} experts, vocab {hp['n_vocab']}" if hp else "closed"
+        return f"<pydgemma.Model {self.path!r} ({size}) on {getattr(self, 'device', '?')}>"
+
