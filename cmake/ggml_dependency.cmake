@@ -76,15 +76,30 @@ endif()
 add_library(dgemma_ggml INTERFACE)
 
 if(DGEMMA_GGML_RESOLVED STREQUAL "SYSTEM")
+    # ggml's config looks for its libraries on CMAKE_PREFIX_PATH before its own folder; drop the
+    # Python site-packages entries so ggml-python's copies there cannot shadow the user's ggml.
+    set(_dg_kept "")
+    foreach(_p IN LISTS CMAKE_PREFIX_PATH)
+        if(NOT (EXISTS "${_p}/ggml/__init__.py" OR _p MATCHES "(site|dist)-packages/?$"))
+            list(APPEND _dg_kept "${_p}")
+        endif()
+    endforeach()
+    set(CMAKE_PREFIX_PATH "${_dg_kept}")  # quoted: an empty list must still hide the cache entry
     if(_dg_system_prefix)
         find_package(ggml CONFIG REQUIRED PATHS "${_dg_system_prefix}" NO_DEFAULT_PATH)
     else()
-        find_package(ggml CONFIG REQUIRED)
+        # GGML_DIR may name the folder of ggml-config.cmake (as a CMake or environment variable).
+        find_package(ggml CONFIG REQUIRED HINTS ${GGML_DIR} $ENV{GGML_DIR})
     endif()
     target_link_libraries(dgemma_ggml INTERFACE ggml::ggml ggml::ggml-base)
+    if(NOT APPLE AND NOT WIN32)
+        # DT_RPATH rather than DT_RUNPATH: libggml finds its own backends (libggml-cpu, ...) through
+        # our path too, so a ggml in a private prefix works without LD_LIBRARY_PATH.
+        target_link_options(dgemma_ggml INTERFACE "LINKER:--disable-new-dtags")
+    endif()
     set(DGEMMA_GGML_INSTALL_RPATH "")
     set(DGEMMA_GGML_USE_LINK_PATH ON)
-    message(STATUS "pydgemma: using the system ggml ${ggml_VERSION} from ${ggml_DIR}")
+    message(STATUS "pydgemma: using the system ggml ${GGML_VERSION} from ${ggml_DIR}")
 else()
     if(NOT _dg_ggml_py_pkg)
         message(FATAL_ERROR

@@ -18,7 +18,6 @@ from .errors import PydgemmaError
 
 app = typer.Typer(
     name="pydgemma",
-    help="Run DiffusionGemma GGUF models on a CPU or a GPU.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -51,8 +50,9 @@ def _root(
 
     Examples:
 
-      pydgemma info -m model.gguf          describe a model file
-      pydgemma info -m model.gguf --json   the same, for scripts
+      pydgemma info -m model.gguf            check a model file and describe it
+
+      pydgemma info -m model.gguf --json     the same, as JSON for scripts
     """
 
 
@@ -176,10 +176,9 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # a click usage error, or a bug: still one line, never a traceback
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # a usage error, or a bug: still short, never a traceback
+        # Usage errors are click exceptions (typer vendors click in recent releases, so match by shape).
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         if os.environ.get("PYDGEMMA_DEBUG"):

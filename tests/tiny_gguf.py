@@ -190,7 +190,7 @@ def write_gguf(
     **layout: Any,
 ) -> Path:
     """Writes a diffusion-gemma GGUF. Matrices are F16 and vectors F32 unless `tensor_types` says
-    otherwise (F32/F16/BF16 only). `header_only` writes metadata and tensor infos and extends the
+    otherwise (any type gguf-py can quantize). `header_only` writes metadata and tensor infos and extends the
     file to its full size without data (a sparse file), for real-size layouts."""
     path = Path(path)
     set_keys = set_keys or {}
@@ -215,9 +215,9 @@ def write_gguf(
         shape = reshape.get(spec.name, spec.shape)
         qtype = tensor_types.get(spec.name, gguf.GGMLQuantizationType.F32 if spec.vector else gguf.GGMLQuantizationType.F16)
         if header_only:
-            n_bytes = math.prod(shape) * {gguf.GGMLQuantizationType.F32: 4}.get(qtype, 2)
-            w.add_tensor_info(spec.name, shape, np.dtype(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16),
-                              n_bytes, raw_dtype=qtype)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            n_bytes = math.prod(shape) // block * type_size
+            w.add_tensor_info(spec.name, shape, np.dtype(np.float32), n_bytes, raw_dtype=qtype)
             continue
         if spec.name == "rope_freqs.weight" and shape == spec.shape:
             data = rope_freqs(cfg)
@@ -225,10 +225,10 @@ def write_gguf(
             data = rng.standard_normal(shape).astype(np.float32) * 0.1
         if qtype == gguf.GGMLQuantizationType.F16:
             w.add_tensor(spec.name, data.astype(np.float16))
-        elif qtype == gguf.GGMLQuantizationType.BF16:
+        elif qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(spec.name, data.astype(np.float32))
+        else:  # BF16 and the quantized types, through gguf-py's reference quantizers
             w.add_tensor(spec.name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-        else:
-            w.add_tensor(spec.name, data.astype(np.float32), raw_dtype=qtype)
 
     if header_only:
         w.write_header_to_file()

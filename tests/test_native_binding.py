@@ -1,0 +1,142 @@
+"""The C ABI and its cffi binding: header and binding cannot drift, the header is plain C, the core
+builds warning-free, and a C program can use the library without Python."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pydgemma import _native
+
+REPO = Path(__file__).resolve().parent.parent
+HEADER = REPO / "native" / "include" / "dgemma.h"
+
+
+def declared_functions(cdef: str) -> set[str]:
+    return set(re.findall(r"\b(dg_\w+)\s*\(", cdef))
+
+
+def test_installed_header_is_the_source_header() -> None:
+    nat = _native.native()
+    assert nat.header_path.read_text() == HEADER.read_text(), (
+        f"{nat.header_path} differs from {HEADER}: rebuild with 'pip install -e .'"
+    )
+
+
+def test_every_declared_function_is_exported() -> None:
+    nat = _native.native()
+    names = declared_functions(_native.cdef_from_header(HEADER.read_text()))
+    assert len(names) >= 20
+    for name in sorted(names):
+        assert callable(getattr(nat.lib, name)), name  # ABI mode: AttributeError if not exported
+
+
+def test_every_exported_symbol_is_declared() -> None:
+    nat = _native.native()
+    out = subprocess.run(["nm", "-D", "--defined-only", str(nat.library_path)], capture_output=True, text=True, check=True)
+    exported = {line.split()[-1] for line in out.stdout.splitlines() if line.split()[-2:-1] == ["T"]}
+    assert exported == declared_functions(HEADER.read_text())
+
+
+def test_cdef_extraction() -> None:
+    cdef = _native.cdef_from_header(HEADER.read_text())
+    assert "DG_API" not in cdef and "#" not in cdef and "/*" not in cdef
+    assert "typedef struct dg_model dg_model;" in cdef
+    with pytest.raises(_native.NativeLibraryError, match="markers"):
+        _native.cdef_from_header("int x;")
+
+
+@pytest.mark.parametrize(("compiler", "flags"), [("cc", ["-x", "c", "-std=c99"]), ("c++", ["-x", "c++", "-std=c++17"])])
+def test_header_is_self_contained(tmp_path: Path, compiler: str, flags: list[str]) -> None:
+    src = tmp_path / "use_header.txt"
+    src.write_text('#include "dgemma.h"\nint main(void) { return dg_model_default_params().use_mmap ? 0 : 1; }\n')
+    subprocess.run([compiler, *flags, "-Wall", "-Wextra", "-Wpedantic", "-Werror", "-fsyntax-only", "-I", str(HEADER.parent), str(src)],
+                   check=True)
+
+
+def test_status_names_and_last_error() -> None:
+    nat = _native.native()
+    assert nat.status_name(0) == "DG_OK"
+    assert nat.status_name(3) == "DG_ERR_FORMAT"
+    out = nat.ffi.new("dg_model **")
+    status = nat.lib.dg_model_load(b"/nonexistent/x.gguf", nat.ffi.NULL, out)
+    assert status == nat.lib.DG_ERR_IO and out[0] == nat.ffi.NULL
+    assert nat.last_error() == "cannot open '/nonexistent/x.gguf': No such file or directory"
+    assert nat.lib.dg_model_load(b"x", nat.ffi.NULL, nat.ffi.NULL) == nat.lib.DG_ERR_INVALID_ARG
+    assert nat.last_error() == "dg_model_load: out_model is NULL"
+    # NULL handles are refused, not dereferenced
+    info = nat.ffi.new("dg_hparams *")
+    assert nat.lib.dg_model_hparams(nat.ffi.NULL, info) == nat.lib.DG_ERR_INVALID_ARG
+    assert nat.lib.dg_model_n_tensors(nat.ffi.NULL) == 0
+    assert nat.lib.dg_device_get(10_000, nat.ffi.new("dg_device_info *")) == nat.lib.DG_ERR_INVALID_ARG
+
+
+def test_index_bounds(tiny_model_path: Path) -> None:
+    nat = _native.native()
+    out = nat.ffi.new("dg_model **")
+    assert nat.lib.dg_model_load(str(tiny_model_path).encode(), nat.ffi.NULL, out) == 0
+    model = nat.ffi.gc(out[0], nat.lib.dg_model_free)
+    assert nat.lib.dg_model_tensor(model, 144, nat.ffi.new("dg_tensor_info *")) == nat.lib.DG_ERR_INVALID_ARG
+    assert nat.last_error() == "tensor index 144 out of range (144 tensors)"
+    assert nat.lib.dg_model_layer(model, 6, nat.ffi.new("dg_layer_info *")) == nat.lib.DG_ERR_INVALID_ARG
+    assert nat.lib.dg_model_meta_key(model, 10_000) == nat.ffi.NULL
+    assert nat.lib.dg_model_meta_get(model, b"no.such.key") == nat.ffi.NULL
+    assert nat.string(nat.lib.dg_model_meta_get(model, b"diffusion.canvas_length")) == "16"
+
+
+C_PROGRAM = r"""
+#include "dgemma.h"
+#include <stdio.h>
+
+int main(int argc, char ** argv) {
+    dg_model_params params = dg_model_default_params();
+    params.device = "cpu";
+    dg_model * model = NULL;
+    for (int i = 1; i < argc; ++i) {
+        dg_status st = dg_model_load(argv[i], &params, &model);
+        if (st != DG_OK) {
+            printf("%s: %s\n", dg_status_name(st), dg_last_error());
+            continue;
+        }
+        dg_hparams hp;
+        dg_model_hparams(model, &hp);
+        printf("ok layers=%u embd=%u vocab=%u canvas=%u tensors=%zu device=%s\n", hp.n_layer, hp.n_embd, hp.n_vocab,
+               hp.canvas_length, dg_model_n_tensors(model), dg_model_device(model));
+        dg_model_free(model);
+    }
+    return 0;
+}
+"""
+
+
+def test_c_program_uses_the_library(tmp_path: Path, tiny_model_path: Path) -> None:
+    nat = _native.native()
+    src = tmp_path / "client.c"
+    src.write_text(C_PROGRAM)
+    exe = tmp_path / "client"
+    lib_dir = nat.library_path.parent
+    subprocess.run(["cc", "-std=c99", "-Wall", "-Wextra", "-Werror", "-I", str(HEADER.parent), str(src), "-o", str(exe),
+                    f"-L{lib_dir}", "-ldgemma", f"-Wl,-rpath,{lib_dir}"], check=True)
+    out = subprocess.run([str(exe), str(tiny_model_path), "/etc/hostname"], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [
+        "ok layers=6 embd=32 vocab=96 canvas=16 tensors=144 device=CPU",
+        "DG_ERR_FORMAT: not a GGUF file: '/etc/hostname' does not start with the GGUF magic",
+    ]
+
+
+def test_core_builds_warning_free(tmp_path: Path) -> None:
+    """-Wall -Wextra -Wpedantic -Wshadow -Wconversion with -Werror, against the same ggml as the package."""
+    cmake = shutil.which("cmake")
+    assert cmake, "cmake is needed for this test (pip install cmake)"
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    build = tmp_path / "build"
+    subprocess.run([cmake, "-S", str(REPO), "-B", str(build), *gen, "-DDGEMMA_WERROR=ON", "-DDGEMMA_GGML=PYTHON",
+                    f"-DPython_EXECUTABLE={sys.executable}"], check=True, capture_output=True)
+    result = subprocess.run([cmake, "--build", str(build), "--parallel", "2"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "warning" not in (result.stdout + result.stderr).lower()
