@@ -5,6 +5,7 @@
 #include "ggml-backend.h"
 
 #include <cctype>
+#include <mutex>
 
 namespace dg {
 
@@ -32,11 +33,26 @@ bool equals_ignore_case(const std::string & a, const std::string & b) {
     return true;
 }
 
+// A ggml built with GGML_BACKEND_DL=ON registers no backend until asked to load them from disk;
+// the usual build registers its backends statically, and loading again would duplicate them.
+void ensure_backends() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        if (ggml_backend_reg_count() == 0) {
+            ggml_backend_load_all();
+        }
+    });
+}
+
 }  // namespace
 
-size_t device_count() { return ggml_backend_dev_count(); }
+size_t device_count() {
+    ensure_backends();
+    return ggml_backend_dev_count();
+}
 
 dg_device_info device_info(size_t index) {
+    ensure_backends();
     if (index >= ggml_backend_dev_count()) {
         fail(DG_ERR_INVALID_ARG, format("device index %zu out of range (%zu devices)", index, ggml_backend_dev_count()));
     }
@@ -55,6 +71,7 @@ dg_device_info device_info(size_t index) {
 }
 
 ggml_backend_device * resolve_device(const std::string & request) {
+    ensure_backends();
     const size_t n = ggml_backend_dev_count();
     if (request.empty() || equals_ignore_case(request, "auto")) {
         for (size_t i = 0; i < n; ++i) {
