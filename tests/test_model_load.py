@@ -220,6 +220,19 @@ def test_unsupported_gguf_version(tmp_path: Path, tiny_model_path: Path) -> None
     assert re.match(r"invalid GGUF file '.*': .*version", str(load_error(path)))
 
 
+def test_custom_alignment(make_gguf) -> None:
+    path = make_gguf(alignment=64)
+    m = pydgemma.Model(path)
+    assert m.metadata["general.alignment"] == "64"
+    assert all(t.offset % 64 == 0 for t in m.tensors.values())
+
+
+def test_alignment_of_wrong_type_is_refused_not_aborted(make_gguf) -> None:
+    # ggml's own reader would abort the process on this file; the core must refuse it instead.
+    path = make_gguf(set_keys={"general.alignment": ("string", "64")})
+    assert str(load_error(path)) == f"invalid GGUF file '{path}': key 'general.alignment' has type str, expected u32"
+
+
 def test_wrong_architecture(make_gguf) -> None:
     err = load_error(make_gguf(arch="llama"))
     assert str(err) == "unsupported architecture 'llama': this runtime runs 'diffusion-gemma' GGUF files"

@@ -186,6 +186,7 @@ def write_gguf(
     reshape: dict[str, tuple[int, ...]] | None = None,
     tensor_types: dict[str, gguf.GGMLQuantizationType] | None = None,
     header_only: bool = False,
+    alignment: int | None = None,
     seed: int = 0,
     **layout: Any,
 ) -> Path:
@@ -197,6 +198,8 @@ def write_gguf(
     reshape = reshape or {}
     tensor_types = tensor_types or {}
     w = gguf.GGUFWriter(path, arch)
+    if alignment is not None:
+        w.add_custom_alignment(alignment)
     written = set()
     for key, kind, value in metadata(cfg):
         if key in set_keys:

@@ -216,6 +216,75 @@ bool is_float_type(int32_t type) {
     return type == GGML_TYPE_F32 || type == GGML_TYPE_F16 || type == GGML_TYPE_BF16;
 }
 
+// ggml's gguf reader asserts (aborts the process) when 'general.alignment' is not a scalar u32.
+// Walk the metadata ourselves first, bounds-checked, and refuse such a file with a message. Anything
+// else malformed is left for ggml's reader to report.
+std::string check_alignment_key(const uint8_t * data, uint64_t size) {
+    uint64_t pos = 0;
+    auto take = [&](uint64_t n) -> const uint8_t * {
+        if (n > size - pos) {
+            return nullptr;
+        }
+        const uint8_t * p = data + pos;
+        pos += n;
+        return p;
+    };
+    auto read_u32 = [&](uint32_t & v) { const uint8_t * p = take(4); if (p) std::memcpy(&v, p, 4); return p != nullptr; };
+    auto read_u64 = [&](uint64_t & v) { const uint8_t * p = take(8); if (p) std::memcpy(&v, p, 8); return p != nullptr; };
+    auto scalar_size = [](uint32_t type) -> uint64_t {
+        switch (type) {
+            case GGUF_TYPE_UINT8: case GGUF_TYPE_INT8: case GGUF_TYPE_BOOL: return 1;
+            case GGUF_TYPE_UINT16: case GGUF_TYPE_INT16: return 2;
+            case GGUF_TYPE_UINT32: case GGUF_TYPE_INT32: case GGUF_TYPE_FLOAT32: return 4;
+            case GGUF_TYPE_UINT64: case GGUF_TYPE_INT64: case GGUF_TYPE_FLOAT64: return 8;
+            default: return 0;
+        }
+    };
+    auto skip_string = [&]() { uint64_t n = 0; return read_u64(n) && take(n) != nullptr; };
+
+    uint32_t magic = 0, version = 0;
+    uint64_t n_tensors = 0, n_kv = 0;
+    if (!read_u32(magic) || !read_u32(version) || (version != 2 && version != 3) || !read_u64(n_tensors) ||
+        !read_u64(n_kv)) {
+        return "";
+    }
+    for (uint64_t i = 0; i < n_kv; ++i) {
+        uint64_t key_len = 0;
+        if (!read_u64(key_len)) {
+            return "";
+        }
+        const uint8_t * key = take(key_len);
+        uint32_t type = 0;
+        if (key == nullptr || !read_u32(type)) {
+            return "";
+        }
+        const bool is_alignment = key_len == 17 && std::memcmp(key, "general.alignment", 17) == 0;
+        if (is_alignment && type != GGUF_TYPE_UINT32) {
+            return format("key 'general.alignment' has type %s, expected u32",
+                          type < GGUF_TYPE_COUNT ? gguf_type_name(static_cast<gguf_type>(type)) : "invalid");
+        }
+        if (type == GGUF_TYPE_STRING) {
+            if (!skip_string()) return "";
+        } else if (type == GGUF_TYPE_ARRAY) {
+            uint32_t elem = 0;
+            uint64_t n = 0;
+            if (!read_u32(elem) || !read_u64(n)) return "";
+            if (elem == GGUF_TYPE_STRING) {
+                for (uint64_t j = 0; j < n; ++j) {
+                    if (!skip_string()) return "";
+                }
+            } else {
+                const uint64_t es = scalar_size(elem);
+                if (es == 0 || n > (size - pos) / es || take(n * es) == nullptr) return "";
+            }
+        } else {
+            const uint64_t es = scalar_size(type);
+            if (es == 0 || take(es) == nullptr) return "";
+        }
+    }
+    return "";
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -262,6 +331,10 @@ void GgufModel::parse(const std::string & path) {
         fail(DG_ERR_FORMAT, format("not a GGUF file: '%s' does not start with the GGUF magic", path.c_str()));
     }
 
+    const std::string header_problem = check_alignment_key(file_.data(), file_.size());
+    if (!header_problem.empty()) {
+        fail(DG_ERR_FORMAT, format("invalid GGUF file '%s': %s", path.c_str(), header_problem.c_str()));
+    }
     {
         LogCapture capture;
         gguf_init_params gp{};
