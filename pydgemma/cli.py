@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -14,7 +13,6 @@ from rich.console import Console
 from rich.table import Table
 
 from ._version import __version__
-from .errors import PydgemmaError
 
 app = typer.Typer(
     name="pydgemma",
@@ -25,10 +23,6 @@ app = typer.Typer(
 )
 
 _stdout = Console(highlight=False)
-
-
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit code 1."""
 
 
 def _version_callback(value: bool) -> None:
@@ -162,30 +156,10 @@ def info(
 
 
 def main() -> None:
-    """Entry point: runs the app and turns failures into one line on stderr and exit status 1."""
-    try:
-        rc = app(standalone_mode=False)
-    except (PydgemmaError, CliError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-    except Exception as exc:  # a usage error, or a bug: still short, never a traceback
-        # Usage errors are click exceptions (typer vendors click in recent releases, so match by shape).
-        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if os.environ.get("PYDGEMMA_DEBUG"):
-            raise
-        typer.echo(f"error: internal error: {type(exc).__name__}: {exc} (set PYDGEMMA_DEBUG=1 for a traceback)", err=True)
-        sys.exit(1)
-    sys.exit(rc if isinstance(rc, int) else 0)
+    """Entry point of the `pydgemma` command."""
+    from .cli_runner import run_app
+
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -25,3 +25,34 @@ def make_gguf(tmp_path: Path) -> Callable[..., Path]:
         return tiny_gguf.write_gguf(tmp_path / f"variant{next(counter)}.gguf", **kwargs)
 
     return make
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face checkpoints built with transformers (the reference implementation) and our
+# conversions of them. Built once per test session.
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random DiffusionGemma checkpoint (fp32 safetensors, tokenizer, generation config)."""
+    from pydgemma.models.tiny_checkpoint import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("hf") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from pydgemma.models.tiny_checkpoint import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("hf") / "tiny-bf16", dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory: pytest.TempPathFactory, hf_tiny: Path) -> dict[str, Path]:
+    """hf_tiny converted to every output type: {"f32": path, "f16": ..., "bf16": ..., "q8_0": ...}."""
+    from pydgemma.quantize import convert
+
+    out = tmp_path_factory.mktemp("converted")
+    return {t: convert(hf_tiny, out / f"tiny-{t}.gguf", out_type=t).path for t in ("f32", "f16", "bf16", "q8_0")}

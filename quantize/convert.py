@@ -1,0 +1,291 @@
+"""Hugging Face DiffusionGemma checkpoint -> GGUF, streaming and atomic.
+
+Memory stays bounded whatever the model size: metadata and tensor infos are written first, then each
+tensor is read, converted and written in row chunks (checkpoint.iter_rows). The output goes to a
+temporary file beside the target, is validated by the native loader, and only then renamed into
+place; on any failure (or Ctrl-C) the target is untouched and the temporary file removed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import gguf
+import numpy as np
+
+from .checkpoint import Checkpoint, CheckpointError, TensorEntry, iter_rows, resolve_checkpoint_dir, tensors_equal
+from .hf_config import ArchParams, read_arch
+from .tensor_map import (DECODER, ENCODER_SCALAR, ENCODER_TEXT, FILE_TYPES, OUT_TYPES, SKIPPED_PREFIXES, Q,
+                         expected_tensors, n_bytes, output_type)
+from .vocab import read_vocab
+
+ARCH = "diffusion-gemma"
+
+
+class ConversionError(Exception):
+    """The checkpoint cannot be converted; the message says why in one line."""
+
+
+@dataclass
+class PlannedTensor:
+    gguf_name: str
+    shape: tuple[int, ...]  # torch order
+    qtype: Q
+    source: TensorEntry | None = None  # None: generated data
+    data: np.ndarray | None = None
+
+    @property
+    def n_bytes(self) -> int:
+        return n_bytes(self.shape, self.qtype)
+
+
+@dataclass
+class ConversionResult:
+    path: Path
+    n_tensors: int
+    n_bytes: int
+    type_counts: dict[str, int]
+    arch: ArchParams
+
+
+ProgressFn = Callable[[str, int, int], None]  # (phase, done_bytes, total_bytes)
+
+
+def _shape_str(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def rope_freqs(a: ArchParams) -> np.ndarray:
+    """Per-pair frequency divisors of full-attention layers: 1 for the rotated pairs, 1e30 (no
+    rotation) for the rest -- HF's 'proportional' rope with partial_rotary_factor."""
+    out = np.full(a.head_dim_full // 2, 1e30, dtype=np.float32)
+    out[: a.rotated_pairs] = 1.0
+    return out
+
+
+def plan_tensors(ckpt: Checkpoint, a: ArchParams, requested: Q) -> tuple[list[PlannedTensor], list[tuple[TensorEntry, TensorEntry]]]:
+    """The tensors to write, and the (encoder, decoder) pairs whose equality must be checked."""
+    expected = expected_tensors(a)
+    wanted = {m.hf_name for m in expected}
+    tied_pairs: list[tuple[TensorEntry, TensorEntry]] = []
+    lm_head = None
+    for name, entry in ckpt.tensors.items():
+        if name in wanted or name.startswith(SKIPPED_PREFIXES):
+            continue
+        if name == "lm_head.weight":
+            lm_head = entry
+        elif name.startswith(ENCODER_TEXT) and not ENCODER_SCALAR.match(name):
+            twin = DECODER + name[len(ENCODER_TEXT):]
+            if twin not in ckpt.tensors:
+                raise ConversionError(f"encoder tensor '{name}' has no decoder twin '{twin}' to be tied to")
+            tied_pairs.append((entry, ckpt.tensors[twin]))
+        elif name.endswith("rotary_emb.inv_freq") or ".v_norm." in name or ".router.norm." in name:
+            continue  # buffers recomputed at run time / norms without weights
+        else:
+            raise ConversionError(f"unexpected tensor '{name}' in the checkpoint (not part of the DiffusionGemma layout)")
+
+    plan = [PlannedTensor("rope_freqs.weight", (a.head_dim_full // 2,), Q.F32, data=rope_freqs(a))]
+    for m in expected:
+        entry = ckpt.tensors.get(m.hf_name)
+        if entry is None:
+            if m.hf_name.startswith(DECODER + "self_conditioning."):
+                raise ConversionError(f"checkpoint lacks tensor '{m.hf_name}' (self-conditioning is part of DiffusionGemma)")
+            raise ConversionError(f"checkpoint lacks tensor '{m.hf_name}'")
+        if entry.shape != m.shape:
+            raise ConversionError(
+                f"tensor '{m.hf_name}' has shape {_shape_str(entry.shape)} but config.json implies {_shape_str(m.shape)}"
+            )
+        plan.append(PlannedTensor(m.gguf_name, m.shape, output_type(m.gguf_name, m.shape, requested), source=entry))
+        if m.gguf_name == "token_embd.weight" and lm_head is not None:
+            if lm_head.shape != entry.shape:
+                raise ConversionError(f"lm_head.weight has shape {_shape_str(lm_head.shape)}, expected {_shape_str(entry.shape)}")
+            same, _ = tensors_equal(lm_head, entry)
+            if not same:  # an untied output head is kept; a tied copy is not written twice
+                plan.append(PlannedTensor("output.weight", entry.shape, output_type("output.weight", entry.shape, requested),
+                                          source=lm_head))
+    return plan, tied_pairs
+
+
+def _encode(rows: np.ndarray, qtype: Q) -> memoryview:
+    """The GGUF bytes of a block of float32 rows (a view, not a copy, where possible)."""
+    if qtype == Q.F32:
+        out = np.ascontiguousarray(rows, dtype="<f4")
+    elif qtype == Q.F16:
+        out = rows.astype("<f2")
+    else:
+        out = np.ascontiguousarray(gguf.quants.quantize(rows, qtype))
+    return memoryview(out).cast("B")
+
+
+def _default_out_type(ckpt: Checkpoint) -> Q:
+    """llama.cpp's 'auto': BF16 when the first matrix of the checkpoint is bf16, else F16."""
+    for entry in ckpt.tensors.values():
+        if len(entry.shape) >= 2:
+            return Q.BF16 if entry.dtype == "BF16" else Q.F16
+    return Q.F16
+
+
+def _write_metadata(w: gguf.GGUFWriter, a: ArchParams, ckpt: Checkpoint, qtype: Q, name: str) -> None:
+    w.add_type("model")
+    w.add_name(name)
+    w.add_file_type(FILE_TYPES[qtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(a.context_length)
+    w.add_embedding_length(a.hidden_size)
+    w.add_block_count(a.n_layer)
+    w.add_feed_forward_length(a.intermediate_size)
+    w.add_expert_feed_forward_length(a.moe_intermediate_size)
+    w.add_expert_count(a.n_expert)
+    w.add_expert_used_count(a.n_expert_used)
+    w.add_head_count(a.n_head)
+    w.add_head_count_kv(a.n_kv_per_layer)
+    w.add_key_length(a.head_dim_full)
+    w.add_value_length(a.head_dim_full)
+    w.add_key_length_swa(a.head_dim_swa)
+    w.add_value_length_swa(a.head_dim_swa)
+    w.add_layer_norm_rms_eps(a.rms_eps)
+    w.add_sliding_window(a.sliding_window)
+    w.add_sliding_window_pattern(a.sliding)
+    w.add_causal_attention(False)
+    w.add_shared_kv_layers(0)
+    w.add_embedding_length_per_layer_input(0)
+    w.add_rope_freq_base(a.rope_theta_full)
+    w.add_rope_freq_base_swa(a.rope_theta_swa)
+    w.add_rope_dimension_count(a.head_dim_full)
+    w.add_rope_dimension_count_swa(a.head_dim_swa)
+    w.add_final_logit_softcapping(a.softcap)
+    w.add_uint32("diffusion.canvas_length", a.canvas_length)
+    for key, value in a.generation.items():
+        if isinstance(value, int):
+            w.add_uint32(key, value)
+        else:
+            w.add_float32(key, value)
+    read_vocab(ckpt, a.vocab_size).write(w)
+
+
+@contextmanager
+def atomic_output(target: Path) -> Iterator[Path]:
+    """A temporary path beside `target`; renamed onto it when the block succeeds, removed otherwise."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def convert(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    out_type: str | None = None,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    chunk_bytes: int = 64 * 1024 * 1024,
+) -> ConversionResult:
+    """Converts a checkpoint folder (or a repo id in the local HF cache) to a GGUF file.
+
+    `out_type` is one of f32, f16, bf16, q8_0 (default: bf16 for a bf16 checkpoint, else f16).
+    Raises ConversionError with a one-line message on any problem."""
+    out_path = Path(output)
+    if out_path.exists() and not overwrite:
+        raise ConversionError(f"'{out_path}' already exists; use --force (overwrite=True) to replace it")
+    if out_path.is_dir():
+        raise ConversionError(f"'{out_path}' is a folder; give the path of the .gguf file to write")
+    try:
+        ckpt = Checkpoint(resolve_checkpoint_dir(source))
+        arch = read_arch(ckpt)
+        if out_type is None:
+            qtype = _default_out_type(ckpt)
+        elif out_type.lower() in OUT_TYPES:
+            qtype = OUT_TYPES[out_type.lower()]
+        else:
+            raise ConversionError(f"unknown output type '{out_type}' (choose from {', '.join(OUT_TYPES)})")
+        plan, tied_pairs = plan_tensors(ckpt, arch, qtype)
+
+        tie_total = sum(e.n_bytes for e, _ in tied_pairs)
+        done = 0
+        for enc, dec in tied_pairs:
+            same, diff = tensors_equal(enc, dec)
+            if not same:
+                raise ConversionError(
+                    f"encoder weight '{enc.name}' differs from its decoder twin '{dec.name}' (max abs difference {diff:.3g}); "
+                    "DiffusionGemma's encoder and decoder must share their backbone weights"
+                )
+            done += enc.n_bytes
+            if progress:
+                progress("checking tied weights", done, tie_total)
+
+        name = arch.name.rstrip("/").split("/")[-1] or ckpt.folder.name
+        with atomic_output(out_path) as tmp:
+            _write_file(tmp, plan, arch, ckpt, qtype, name, progress, chunk_bytes)
+            _validate(tmp, plan)
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from exc
+    type_counts: dict[str, int] = {}
+    for t in plan:
+        type_counts[t.qtype.name] = type_counts.get(t.qtype.name, 0) + 1
+    return ConversionResult(out_path, len(plan), out_path.stat().st_size, type_counts, arch)
+
+
+def _write_file(tmp: Path, plan: list[PlannedTensor], a: ArchParams, ckpt: Checkpoint, qtype: Q, name: str,
+                progress: ProgressFn | None, chunk_bytes: int) -> None:
+    w = gguf.GGUFWriter(tmp, ARCH)
+    _write_metadata(w, a, ckpt, qtype, name)
+    for t in plan:
+        w.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.n_bytes, raw_dtype=t.qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    assert w.fout is not None
+    f = w.fout[0]
+    total = sum(t.n_bytes for t in plan)
+    done = 0
+    try:
+        w.write_padding(f, f.tell())
+        for t in plan:
+            written = 0
+            if t.data is not None:
+                blob = _encode(t.data.reshape(-1, t.shape[-1]), t.qtype)
+                f.write(blob)
+                written = blob.nbytes
+            else:
+                assert t.source is not None
+                for rows in iter_rows(t.source, chunk_bytes):
+                    blob = _encode(rows, t.qtype)
+                    f.write(blob)
+                    written += blob.nbytes
+                    if progress:
+                        progress("writing", done + written, total)
+            if written != t.n_bytes:
+                raise ConversionError(f"internal error: wrote {written} bytes for '{t.gguf_name}', expected {t.n_bytes}")
+            done += written
+            w.write_padding(f, written)
+            if progress:
+                progress("writing", done, total)
+    finally:
+        w.close()
+
+
+def _validate(path: Path, plan: list[PlannedTensor]) -> None:
+    """Every file we write must pass the native loader's checks."""
+    from pydgemma import Model, ModelError
+
+    try:
+        with Model(path, device="cpu") as m:
+            if len(m.tensors) != len(plan):
+                raise ConversionError(f"internal error: wrote {len(plan)} tensors, the loader sees {len(m.tensors)}")
+    except ModelError as exc:
+        raise ConversionError(f"internal error: the written file does not load: {exc}") from exc
