@@ -22,6 +22,12 @@ python -c "import sys; sys.path.insert(0, '$repo/tests'); import tiny_gguf; tiny
 pydgemma info -m tiny.gguf --json | python -c "import json, sys; assert json.load(sys.stdin)['tensor_count'] == 144"
 if pydgemma info -m /etc/hostname 2>err.txt; then echo "expected a failure" >&2; exit 1; fi
 [ "$(wc -l < err.txt)" -eq 1 ] && grep -q '^error: not a GGUF file' err.txt
+pydgemma-quantize convert --help >/dev/null
+python -c "import pydgemma.quantize, pydgemma.models"
+# quantize/ and models/ ship inside pydgemma, never as generic top-level modules
+for generic in quantize models; do
+    if python -c "import $generic" 2>/dev/null; then echo "a top-level '$generic' module was installed" >&2; exit 1; fi
+done
 
 echo "-- (c) a user's own ggml"
 pip download -q --no-deps --no-binary :all: -d "$work/sdist" ggml-python==0.0.45
