@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from ._version import __version__
+from .context import Context
 from .devices import Device, devices
 from .errors import ModelError, NativeLibraryError, PydgemmaError
 from .model import HParams, LayerInfo, Model, TensorInfo
@@ -30,6 +31,7 @@ def ggml_version() -> str:
 
 
 __all__ = [
+    "Context",
     "Device",
     "HParams",
     "LayerInfo",

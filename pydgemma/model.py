@@ -161,6 +161,14 @@ class Model:
             nat = native()
             raise ModelError(nat.last_error(), nat.status_name(status))
 
+    def context(self, n_ctx: int | None = None, *, n_batch: int = 512, n_threads: int | None = None):
+        """A generation context: a KV cache for ``n_ctx`` tokens (default min(4096, context length))."""
+        from .context import Context
+
+        if self._handle is None:
+            raise ModelError("the model is closed", "DG_ERR_INVALID_ARG")
+        return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
+
     @property
     def architecture(self) -> str:
         return self.metadata.get("general.architecture", "")

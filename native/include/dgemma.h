@@ -161,6 +161,37 @@ DG_API const char * dg_model_meta_get(const dg_model * model, const char * key);
 /* Size of the file in bytes. */
 DG_API uint64_t dg_model_file_size(const dg_model * model);
 
+/* ---------------------------------------------------------------------------------------------
+ * Context: the state of one generation over a model: the KV cache of the prefix (prompt and
+ * committed canvases) and scratch buffers. A model may have several contexts (one per thread);
+ * it must outlive them. A context is not thread-safe.
+ */
+typedef struct dg_context dg_context;
+
+typedef struct dg_context_params {
+    uint32_t n_ctx;     /* tokens the cache holds: prompt + committed canvases; 0 = min(4096, context_length) */
+    uint32_t n_batch;   /* tokens per encoder pass when prefilling; 0 = 512                                  */
+    int32_t  n_threads; /* CPU threads; <= 0 = the model's                                                   */
+} dg_context_params;
+
+DG_API dg_context_params dg_context_default_params(void);
+DG_API dg_status         dg_context_new(const dg_model * model, const dg_context_params * params, dg_context ** out_ctx);
+DG_API void              dg_context_free(dg_context * ctx);
+
+/* Causal encoder pass over `tokens`, appended to the cache (the prompt). */
+DG_API dg_status dg_prefill(dg_context * ctx, const int32_t * tokens, size_t n_tokens);
+/* One bidirectional decoder pass of a canvas over the cached prefix. `sc_logits` (NULL: none) is the
+ * previous step's processed logits, [n_canvas][n_vocab]; `logits_out` receives [n_canvas][n_vocab]
+ * float logits (after the final softcap). The cache is not changed. */
+DG_API dg_status dg_denoise(dg_context * ctx, const int32_t * canvas, size_t n_canvas, const float * sc_logits,
+                            float * logits_out);
+/* Appends a finished canvas to the cache through the encoder, before the next canvas. */
+DG_API dg_status dg_commit(dg_context * ctx, const int32_t * canvas, size_t n_canvas);
+/* Empties the cache. */
+DG_API void      dg_context_reset(dg_context * ctx);
+DG_API uint32_t  dg_context_n_past(const dg_context * ctx);
+DG_API uint32_t  dg_context_n_ctx(const dg_context * ctx);
+
 /* --- cffi:end --- */
 
 #ifdef __cplusplus

@@ -2,12 +2,16 @@
 // exceptions, records the message for dg_last_error() and returns a status.
 #include "dgemma.h"
 
+#include "context.h"
 #include "devices.h"
 #include "error.h"
 #include "gguf_model.h"
 
 #include "ggml.h"
 
+#include <algorithm>
+#include <climits>
+#include <cstdint>
 #include <memory>
 #include <new>
 
@@ -17,6 +21,10 @@
 
 struct dg_model {
     std::unique_ptr<dg::GgufModel> impl;
+};
+
+struct dg_context {
+    std::unique_ptr<dg::Context> impl;
 };
 
 namespace {
@@ -184,5 +192,82 @@ const char * dg_model_meta_get(const dg_model * model, const char * key) {
 }
 
 uint64_t dg_model_file_size(const dg_model * model) { return model != nullptr ? model->impl->file_size() : 0; }
+
+dg_context_params dg_context_default_params(void) {
+    dg_context_params p{};
+    p.n_ctx     = 0;
+    p.n_batch   = 512;
+    p.n_threads = 0;
+    return p;
+}
+
+dg_status dg_context_new(const dg_model * model, const dg_context_params * params, dg_context ** out_ctx) {
+    if (out_ctx == nullptr) {
+        return invalid("dg_context_new: out_ctx is NULL");
+    }
+    *out_ctx = nullptr;
+    if (model == nullptr) {
+        return invalid("dg_context_new: model is NULL");
+    }
+    dg_context_params p = params != nullptr ? *params : dg_context_default_params();
+    if (p.n_ctx == 0) {
+        p.n_ctx = std::min<uint32_t>(4096, model->impl->hparams().n_ctx_train);
+    }
+    return guarded([&] {
+        std::unique_ptr<dg_context> ctx(new dg_context());
+        ctx->impl = std::make_unique<dg::Context>(*model->impl, p);
+        *out_ctx  = ctx.release();
+    });
+}
+
+void dg_context_free(dg_context * ctx) { delete ctx; }
+
+static dg_status check_count(size_t n, const char * what) {
+    if (n > UINT32_MAX) {
+        dg::set_last_error(dg::format("%s: too many tokens (%zu)", what, n));
+        return DG_ERR_INVALID_ARG;
+    }
+    return DG_OK;
+}
+
+dg_status dg_prefill(dg_context * ctx, const int32_t * tokens, size_t n_tokens) {
+    if (ctx == nullptr) {
+        return invalid("dg_prefill: ctx is NULL");
+    }
+    if (dg_status st = check_count(n_tokens, "prefill"); st != DG_OK) {
+        return st;
+    }
+    return guarded([&] { ctx->impl->prefill(tokens, static_cast<uint32_t>(n_tokens)); });
+}
+
+dg_status dg_denoise(dg_context * ctx, const int32_t * canvas, size_t n_canvas, const float * sc_logits, float * logits_out) {
+    if (ctx == nullptr) {
+        return invalid("dg_denoise: ctx is NULL");
+    }
+    if (dg_status st = check_count(n_canvas, "denoise"); st != DG_OK) {
+        return st;
+    }
+    return guarded([&] { ctx->impl->denoise(canvas, static_cast<uint32_t>(n_canvas), sc_logits, logits_out); });
+}
+
+dg_status dg_commit(dg_context * ctx, const int32_t * canvas, size_t n_canvas) {
+    if (ctx == nullptr) {
+        return invalid("dg_commit: ctx is NULL");
+    }
+    if (dg_status st = check_count(n_canvas, "commit"); st != DG_OK) {
+        return st;
+    }
+    return guarded([&] { ctx->impl->commit(canvas, static_cast<uint32_t>(n_canvas)); });
+}
+
+void dg_context_reset(dg_context * ctx) {
+    if (ctx != nullptr) {
+        ctx->impl->reset();
+    }
+}
+
+uint32_t dg_context_n_past(const dg_context * ctx) { return ctx != nullptr ? ctx->impl->n_past() : 0; }
+
+uint32_t dg_context_n_ctx(const dg_context * ctx) { return ctx != nullptr ? ctx->impl->n_ctx() : 0; }
 
 }  // extern "C"

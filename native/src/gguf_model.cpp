@@ -4,6 +4,7 @@
 #include "error.h"
 #include "gguf_schema.h"
 
+#include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml.h"
 #include "gguf.h"
@@ -290,6 +291,9 @@ std::string check_alignment_key(const uint8_t * data, uint64_t size) {
 // ---------------------------------------------------------------------------------------------
 
 GgufModel::~GgufModel() {
+    if (weights_buffer_ != nullptr) {
+        ggml_backend_buffer_free(weights_buffer_);
+    }
     if (meta_ctx_ != nullptr) {
         ggml_free(meta_ctx_);
     }
@@ -306,6 +310,7 @@ std::unique_ptr<GgufModel> GgufModel::load(const std::string & path, const dg_mo
     model->validate_tensors();
 
     ggml_backend_dev_t dev = resolve_device(params.device != nullptr ? params.device : "auto");
+    model->device_      = dev;
     model->device_name_ = ggml_backend_dev_name(dev);
     int32_t n_threads = params.n_threads;
     if (n_threads <= 0) {
@@ -313,6 +318,45 @@ std::unique_ptr<GgufModel> GgufModel::load(const std::string & path, const dg_mo
     }
     model->n_threads_ = n_threads;
     return model;
+}
+
+ggml_tensor * GgufModel::weight(const std::string & name) const {
+    return find_tensor(name) != nullptr ? ggml_get_tensor(meta_ctx_, name.c_str()) : nullptr;
+}
+
+void GgufModel::bind_weights() const {
+    std::call_once(bind_once_, [this] {
+        const uint64_t data_offset = gguf_get_data_offset(gguf_);
+        const uint64_t data_size   = file_.size() - data_offset;
+        uint64_t       max_tensor  = 0;
+        for (const TensorRecord & t : tensors_) {
+            max_tensor = std::max(max_tensor, t.n_bytes);
+        }
+        ggml_backend_dev_props props{};
+        ggml_backend_dev_get_props(device_, &props);
+        uint8_t * base = const_cast<uint8_t *>(file_.data()) + data_offset;  // ggml never writes weights
+        if (props.caps.buffer_from_host_ptr) {
+            weights_buffer_ = ggml_backend_dev_buffer_from_host_ptr(device_, base, data_size, max_tensor);
+        }
+        if (weights_buffer_ != nullptr) {
+            for (const TensorRecord & t : tensors_) {
+                ggml_tensor * w = ggml_get_tensor(meta_ctx_, t.name.c_str());
+                if (ggml_backend_tensor_alloc(weights_buffer_, w, base + (t.file_offset - data_offset)) != GGML_STATUS_SUCCESS) {
+                    fail(DG_ERR_BACKEND, format("cannot place tensor '%s' on %s", t.name.c_str(), device_name_.c_str()));
+                }
+            }
+        } else {
+            weights_buffer_ = ggml_backend_alloc_ctx_tensors_from_buft(meta_ctx_, ggml_backend_dev_buffer_type(device_));
+            if (weights_buffer_ == nullptr) {
+                fail(DG_ERR_OUT_OF_MEMORY, format("cannot allocate %.2f GiB for the weights on %s",
+                                                  static_cast<double>(data_size) / (1ull << 30), device_name_.c_str()));
+            }
+            for (const TensorRecord & t : tensors_) {
+                ggml_backend_tensor_set(ggml_get_tensor(meta_ctx_, t.name.c_str()), t.data, 0, t.n_bytes);
+            }
+        }
+        ggml_backend_buffer_set_usage(weights_buffer_, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    });
 }
 
 const TensorRecord * GgufModel::find_tensor(const std::string & name) const {

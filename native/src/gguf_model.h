@@ -7,13 +7,16 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
 struct gguf_context;
 struct ggml_context;
+struct ggml_tensor;
 struct ggml_backend_device;
+struct ggml_backend_buffer;
 
 namespace dg {
 
@@ -54,6 +57,14 @@ public:
     const TensorRecord *             find_tensor(const std::string & name) const;
     const MetaRecord *               find_meta(const std::string & key) const;
     const std::string &              device_name() const { return device_name_; }
+    ggml_backend_device *            device() const { return device_; }
+
+    // The weight tensor `name` (shape and type from the file), or nullptr. Its data is usable by
+    // ggml only after bind_weights().
+    ggml_tensor *                    weight(const std::string & name) const;
+    // Places the weights on the model's device, once: zero-copy views of the mapping on the CPU
+    // (or any device that can use host memory), an upload otherwise. Thread-safe.
+    void                             bind_weights() const;
     int32_t                          n_threads() const { return n_threads_; }
     uint64_t                         file_size() const { return file_.size(); }
 
@@ -74,6 +85,9 @@ private:
     std::vector<MetaRecord>                   meta_;
     std::unordered_map<std::string, size_t>   meta_index_;
     std::string                               device_name_;
+    ggml_backend_device *                     device_ = nullptr;
+    mutable std::once_flag                    bind_once_;
+    mutable ggml_backend_buffer *             weights_buffer_ = nullptr;
     int32_t                                   n_threads_ = 1;
 };
 

@@ -1,0 +1,98 @@
+"""A generation context over a model: the KV cache of the prefix and the three forward operations
+of DiffusionGemma (prefill the prompt, denoise a canvas, commit a finished canvas)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from ._native import native
+from .errors import PydgemmaError
+
+if TYPE_CHECKING:
+    from .model import Model
+
+
+def _ids(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    arr = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+    if arr.size and (arr.min() < -(2**31) or arr.max() >= 2**31):
+        raise PydgemmaError("token ids must fit in 32 bits", "DG_ERR_INVALID_ARG")
+    return arr.astype(np.int32)
+
+
+class Context:
+    """Created by :meth:`Model.context`. Not thread-safe; use one context per thread."""
+
+    def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 512, n_threads: int | None = None) -> None:
+        nat = native()
+        ffi, lib = nat.ffi, nat.lib
+        self.model = model  # keeps the model alive as long as the context
+        params = ffi.new("dg_context_params *", lib.dg_context_default_params())
+        params.n_ctx = n_ctx or 0
+        params.n_batch = n_batch
+        params.n_threads = n_threads or 0
+        out = ffi.new("dg_context **")
+        self._check(lib.dg_context_new(model._handle, params, out))
+        self._handle = ffi.gc(out[0], lib.dg_context_free)
+        self.n_vocab: int = model.hparams["n_vocab"]
+
+    @staticmethod
+    def _check(status: int) -> None:
+        if status != 0:
+            nat = native()
+            raise PydgemmaError(nat.last_error(), nat.status_name(status))
+
+    def prefill(self, token_ids: Sequence[int] | np.ndarray) -> None:
+        """Runs the prompt through the causal encoder and appends its keys/values to the cache."""
+        nat = native()
+        ids = _ids(token_ids)
+        self._check(nat.lib.dg_prefill(self._handle, nat.ffi.from_buffer("int32_t[]", ids), ids.size))
+
+    def denoise(self, canvas_ids: Sequence[int] | np.ndarray, sc_logits: np.ndarray | None = None) -> np.ndarray:
+        """One decoder pass of the canvas over the cached prefix: float32 logits [len(canvas), n_vocab].
+
+        ``sc_logits`` is the previous denoising step's processed logits (as transformers passes
+        ``self_conditioning_logits``), shape [len(canvas), n_vocab]; None on the first step."""
+        nat = native()
+        ids = _ids(canvas_ids)
+        out = np.empty((ids.size, self.n_vocab), dtype=np.float32)
+        sc = nat.ffi.NULL
+        if sc_logits is not None:
+            sc_arr = np.ascontiguousarray(sc_logits, dtype=np.float32)
+            if sc_arr.shape != out.shape:
+                raise PydgemmaError(f"sc_logits must have shape {out.shape}, got {sc_arr.shape}", "DG_ERR_INVALID_ARG")
+            sc = nat.ffi.from_buffer("float[]", sc_arr)
+        self._check(nat.lib.dg_denoise(self._handle, nat.ffi.from_buffer("int32_t[]", ids), ids.size, sc,
+                                       nat.ffi.from_buffer("float[]", out)))
+        return out
+
+    def commit(self, canvas_ids: Sequence[int] | np.ndarray) -> None:
+        """Appends a finished canvas to the cache through the encoder, before the next canvas."""
+        nat = native()
+        ids = _ids(canvas_ids)
+        self._check(nat.lib.dg_commit(self._handle, nat.ffi.from_buffer("int32_t[]", ids), ids.size))
+
+    def reset(self) -> None:
+        """Empties the cache."""
+        native().lib.dg_context_reset(self._handle)
+
+    @property
+    def n_past(self) -> int:
+        """Tokens in the cache (prompt and committed canvases)."""
+        return int(native().lib.dg_context_n_past(self._handle))
+
+    @property
+    def n_ctx(self) -> int:
+        return int(native().lib.dg_context_n_ctx(self._handle))
+
+    def close(self) -> None:
+        if getattr(self, "_handle", None) is not None:
+            native().ffi.release(self._handle)
+            self._handle = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
