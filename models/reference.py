@@ -57,9 +57,14 @@ Semantic facts (transformers 5.23, each checked in ``tests/test_reference.py``):
    sliding layers use ``kv > q - W`` (q sees itself and the W - 1 keys before it). With "all",
    ``DiffusionGemmaTextConfig.__post_init__`` sets ``is_causal=False`` and replaces
    ``sliding_window`` by ``W // 2 + 1`` (16 -> 9; ``to_dict`` writes back ``(W' - 1) * 2``); the
-   encoder then uses bidirectional masks (full: everything in the call and cache; sliding:
-   ``|q - kv| <= W'`` over the cached keys plus the call's keys), and the cache keeps ``W' - 1``
-   (8) tokens per sliding layer, so the decoder's sliding layers see only 8 prefix tokens.
+   encoder's masks become bidirectional (full: all cached and new keys; sliding:
+   ``|q - kv| <= W'``, i.e. 2W' + 1 = 19 keys) and the cache keeps ``W' - 1`` (8) tokens per sliding
+   layer (so a committed canvas cannot see the key at distance W' that a one-shot pass would, and
+   the decoder's sliding layers would see 8 prefix tokens). But in transformers 5.23 *no* forward
+   runs in this mode: ``merge_with_config_defaults`` (utils/generic.py L1062-1069) puts the
+   config's ``is_causal`` into ``kwargs`` and the encoder attention passes ``is_causal=`` again:
+   ``TypeError: ...attention_forward() got multiple values for keyword argument 'is_causal'``
+   (sdpa and eager alike; ``generate`` too). There is nothing to mirror, so the session refuses it.
 4. ``commit`` runs the *encoder* (``model.model.encoder``: ``DiffusionGemmaEncoderTextLayer``, its
    own ``layer_scalar`` buffers, not the decoder's) over the canvas with the causal (sliding) masks
    over cached prefix + canvas, appending its keys/values. In causal modes, prefill(P) + commit(c)

@@ -58,7 +58,8 @@ def _recording(model):
         return out
 
     def encoder_hook(_module, _args, kwargs):
-        rec.encoder.append(SimpleNamespace(ids=kwargs["input_ids"][0].clone(), positions=kwargs["position_ids"][0].tolist()))
+        ids, positions = kwargs["input_ids"][0].clone(), kwargs["position_ids"][0].tolist()
+        rec.encoder.append(SimpleNamespace(ids=ids, positions=positions))
 
     model.forward = forward  # generate reads self.forward (L714), so an instance attribute intercepts it
     hook = model.model.encoder.register_forward_pre_hook(encoder_hook, with_kwargs=True)
@@ -126,7 +127,8 @@ def test_canvas_sees_window_of_prefix_in_sliding_layers(session, prompt_len):
     seen, masks = [], []
     attns = [layer.self_attn for layer in session.model.model.decoder.layers]
     assert not any(a.is_causal for a in attns)
-    hooks = [a.register_forward_pre_hook(lambda m, a, k: masks.append(k["attention_mask"]), with_kwargs=True) for a in attns]
+    record_mask = lambda _m, _a, kwargs: masks.append(kwargs["attention_mask"])  # noqa: E731
+    hooks = [attn.register_forward_pre_hook(record_mask, with_kwargs=True) for attn in attns]
     for attn in attns:
         original = attn.append_to_cache
 
