@@ -97,7 +97,16 @@ def test_model_properties_and_close(tiny_model_path: Path) -> None:
         assert m.file_size == os.path.getsize(tiny_model_path)
         assert "tiny.gguf" in repr(m)
     default = pydgemma.Model(tiny_model_path)
-    assert default.n_threads == os.cpu_count()
+    assert default.n_threads == physical_cores()
+
+
+def physical_cores() -> int:
+    """Distinct (package, core) pairs among the CPUs this process may use."""
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+    return len(cores)
 
 
 def test_no_mmap_load_reads_the_same(tiny_model_path: Path) -> None:

@@ -83,6 +83,7 @@ Context::Context(const GgufModel & model, const dg_context_params & params) : mo
 
     const size_t graph_size = graph_size_for(hp);
     graph_mem_.resize(ggml_tensor_overhead() * graph_size + ggml_graph_overhead_custom(graph_size, false));
+    scratch_mem_.resize(ggml_tensor_overhead() * 64 + ggml_graph_overhead_custom(64, false));
     sched_ = ggml_backend_sched_new(backends.data(), nullptr, static_cast<int>(backends.size()), graph_size, false, true);
     if (sched_ == nullptr) {
         fail(DG_ERR_BACKEND, "cannot create the ggml scheduler");
@@ -90,6 +91,7 @@ Context::Context(const GgufModel & model, const dg_context_params & params) : mo
 }
 
 Context::~Context() {
+    drop_graph();
     if (sched_ != nullptr) {
         ggml_backend_sched_free(sched_);
     }
@@ -154,16 +156,45 @@ void Context::denoise(const int32_t * canvas, uint32_t n, const float * sc_logit
     run(shape, canvas, sc_logits, out);
 }
 
+void Context::drop_graph() {
+    if (graph_ctx_ != nullptr) {
+        ggml_free(graph_ctx_);
+    }
+    delete graph_io_;
+    graph_ctx_ = nullptr;
+    graph_     = nullptr;
+    graph_io_  = nullptr;
+    graph_key_ = 0;
+}
+
 void Context::run(const ForwardShape & shape, const int32_t * tokens, const float * sc_logits, float * out) {
     const dg_hparams & hp = model_.hparams();
-    GraphScope         scope(graph_mem_);
-    ggml_cgraph *      gf = ggml_new_graph_custom(scope.ctx, graph_size_for(hp), false);
-    ForwardTensors     io = build_forward(scope.ctx, gf, model_, cache_, shape, embd_t_);
-
-    ggml_backend_sched_reset(sched_);
-    if (!ggml_backend_sched_alloc_graph(sched_, gf)) {
-        fail(DG_ERR_OUT_OF_MEMORY, "cannot allocate the compute buffers");
+    // Denoising steps of one canvas share a shape: the graph and its allocation are built once and
+    // reused; only the inputs change.
+    const uint64_t key = (static_cast<uint64_t>(shape.pass == Pass::DECODE) << 63) |
+                         (static_cast<uint64_t>(shape.self_cond) << 62) | (static_cast<uint64_t>(shape.n_tokens) << 31) |
+                         shape.n_past;
+    if (key != graph_key_) {
+        drop_graph();
+        ggml_init_params p{};
+        p.mem_size   = graph_mem_.size();
+        p.mem_buffer = graph_mem_.data();
+        p.no_alloc   = true;
+        graph_ctx_ = ggml_init(p);
+        if (graph_ctx_ == nullptr) {
+            fail(DG_ERR_OUT_OF_MEMORY, "cannot create a graph context");
+        }
+        graph_    = ggml_new_graph_custom(graph_ctx_, graph_size_for(hp), false);
+        graph_io_ = new ForwardTensors(build_forward(graph_ctx_, graph_, model_, cache_, shape, embd_t_));
+        ggml_backend_sched_reset(sched_);
+        if (!ggml_backend_sched_alloc_graph(sched_, graph_)) {
+            drop_graph();
+            fail(DG_ERR_OUT_OF_MEMORY, "cannot allocate the compute buffers");
+        }
+        graph_key_ = key;
     }
+    const ForwardTensors & io = *graph_io_;
+    ggml_cgraph *          gf = graph_;
 
     // Inputs the graph does not read (a mask no layer uses) get no buffer and are skipped.
     auto set_input = [](ggml_tensor * t, const void * data, size_t size) {
@@ -204,6 +235,7 @@ void Context::run(const ForwardShape & shape, const int32_t * tokens, const floa
     }
 
     if (ggml_backend_sched_graph_compute(sched_, gf) != GGML_STATUS_SUCCESS) {
+        drop_graph();
         fail(DG_ERR_BACKEND, "the backend failed to compute the graph");
     }
     if (out != nullptr && io.logits != nullptr) {
@@ -233,13 +265,14 @@ void Context::ensure_transposed_embedding() {
         fail(DG_ERR_OUT_OF_MEMORY, "cannot allocate the transposed embedding for self-conditioning");
     }
 
+    drop_graph();  // the scheduler is about to be reset for other graphs
     // Dequantize and transpose in slices of rows, so the scratch memory stays small.
     const uint32_t slice = 16384;
     std::vector<int32_t> ids;
     for (uint32_t v0 = 0; v0 < hp.n_vocab; v0 += slice) {
         const uint32_t m = std::min(slice, hp.n_vocab - v0);
-        GraphScope scope(graph_mem_);
-        ggml_cgraph * gf = ggml_new_graph_custom(scope.ctx, 16, false);
+        GraphScope scope(scratch_mem_);
+        ggml_cgraph * gf = ggml_new_graph_custom(scope.ctx, 64, false);
         ggml_tensor * rows = ggml_new_tensor_1d(scope.ctx, GGML_TYPE_I32, m);
         ggml_set_input(rows);
         ggml_tensor * src = ggml_transpose(scope.ctx, ggml_get_rows(scope.ctx, embd, rows));  // [m, n_embd]

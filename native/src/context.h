@@ -2,6 +2,7 @@
 #pragma once
 
 #include "dgemma.h"
+#include "graph.h"
 #include "kv_cache.h"
 
 #include <cstdint>
@@ -12,12 +13,11 @@ struct ggml_backend_sched;
 struct ggml_context;
 struct ggml_tensor;
 struct ggml_backend_buffer;
+struct ggml_cgraph;
 
 namespace dg {
 
 class GgufModel;
-struct ForwardShape;
-struct ForwardTensors;
 
 class Context {
 public:
@@ -43,6 +43,7 @@ private:
     void check_tokens(const int32_t * tokens, uint32_t n, const char * what) const;
     void run(const ForwardShape & shape, const int32_t * tokens, const float * sc_logits, float * out);
     void ensure_transposed_embedding();
+    void drop_graph();
 
     const GgufModel &           model_;
     ggml_backend *              backend_ = nullptr;      // the model's device
@@ -52,7 +53,12 @@ private:
     uint32_t                    n_batch_ = 512;
     int32_t                     n_threads_ = 1;
     uint32_t                    n_past_ = 0;
-    std::vector<uint8_t>        graph_mem_;
+    std::vector<uint8_t>        graph_mem_;        // metadata of the graph being run (and reused)
+    ggml_context *              graph_ctx_ = nullptr;
+    ggml_cgraph *               graph_ = nullptr;
+    ForwardTensors *            graph_io_ = nullptr;
+    uint64_t                    graph_key_ = 0;     // shape of graph_, 0 = none: reused while unchanged
+    std::vector<uint8_t>        scratch_mem_;      // metadata of one-off graphs
     ggml_context *              embd_t_ctx_ = nullptr;
     ggml_backend_buffer *       embd_t_buffer_ = nullptr;
     ggml_tensor *               embd_t_ = nullptr;       // [n_vocab, n_embd], for self-conditioning

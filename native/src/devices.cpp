@@ -4,8 +4,17 @@
 
 #include "ggml-backend.h"
 
+#include <algorithm>
 #include <cctype>
+#include <fstream>
 #include <mutex>
+#include <set>
+#include <thread>
+#include <utility>
+
+#if defined(__linux__)
+#    include <sched.h>
+#endif
 
 namespace dg {
 
@@ -99,6 +108,34 @@ ggml_backend_device * resolve_device(const std::string & request) {
         available += ggml_backend_dev_name(ggml_backend_dev_get(i));
     }
     fail(DG_ERR_INVALID_ARG, format("unknown device '%s' (available: auto, %s)", request.c_str(), available.c_str()));
+}
+
+int32_t default_thread_count() {
+    const int32_t logical = static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
+#if defined(__linux__)
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) != 0) {
+        return logical;
+    }
+    std::set<std::pair<int, int>> cores;
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+        if (!CPU_ISSET(cpu, &set)) {
+            continue;
+        }
+        const std::string dir = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+        std::ifstream core_file(dir + "core_id");
+        std::ifstream package_file(dir + "physical_package_id");
+        int core = -1, package = -1;
+        if (!(core_file >> core) || !(package_file >> package)) {
+            return std::min(logical, static_cast<int32_t>(CPU_COUNT(&set)));
+        }
+        cores.insert({package, core});
+    }
+    return cores.empty() ? logical : static_cast<int32_t>(cores.size());
+#else
+    return logical;
+#endif
 }
 
 }  // namespace dg

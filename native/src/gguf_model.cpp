@@ -314,7 +314,7 @@ std::unique_ptr<GgufModel> GgufModel::load(const std::string & path, const dg_mo
     model->device_name_ = ggml_backend_dev_name(dev);
     int32_t n_threads = params.n_threads;
     if (n_threads <= 0) {
-        n_threads = static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
+        n_threads = default_thread_count();
     }
     model->n_threads_ = n_threads;
     return model;
