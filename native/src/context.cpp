@@ -32,18 +32,21 @@ void set_threads(ggml_backend_t backend, int32_t n_threads) {
 }
 
 // A ggml context over caller-owned memory for one graph's tensor and node metadata.
+ggml_context * graph_context(std::vector<uint8_t> & mem) {
+    ggml_init_params p{};
+    p.mem_size   = mem.size();
+    p.mem_buffer = mem.data();
+    p.no_alloc   = true;
+    ggml_context * ctx = ggml_init(p);
+    if (ctx == nullptr) {
+        fail(DG_ERR_OUT_OF_MEMORY, "cannot create a graph context");
+    }
+    return ctx;
+}
+
 struct GraphScope {
     ggml_context * ctx;
-    explicit GraphScope(std::vector<uint8_t> & mem) {
-        ggml_init_params p{};
-        p.mem_size   = mem.size();
-        p.mem_buffer = mem.data();
-        p.no_alloc   = true;
-        ctx = ggml_init(p);
-        if (ctx == nullptr) {
-            fail(DG_ERR_OUT_OF_MEMORY, "cannot create a graph context");
-        }
-    }
+    explicit GraphScope(std::vector<uint8_t> & mem) : ctx(graph_context(mem)) {}
     ~GraphScope() { ggml_free(ctx); }
 };
 
@@ -176,14 +179,7 @@ void Context::run(const ForwardShape & shape, const int32_t * tokens, const floa
                          shape.n_past;
     if (key != graph_key_) {
         drop_graph();
-        ggml_init_params p{};
-        p.mem_size   = graph_mem_.size();
-        p.mem_buffer = graph_mem_.data();
-        p.no_alloc   = true;
-        graph_ctx_ = ggml_init(p);
-        if (graph_ctx_ == nullptr) {
-            fail(DG_ERR_OUT_OF_MEMORY, "cannot create a graph context");
-        }
+        graph_ctx_ = graph_context(graph_mem_);
         graph_    = ggml_new_graph_custom(graph_ctx_, graph_size_for(hp), false);
         graph_io_ = new ForwardTensors(build_forward(graph_ctx_, graph_, model_, cache_, shape, embd_t_));
         ggml_backend_sched_reset(sched_);
