@@ -169,6 +169,33 @@ class Model:
             raise ModelError("the model is closed", "DG_ERR_INVALID_ARG")
         return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
 
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of `text` with the model's own tokenizer; `add_special` prepends BOS."""
+        nat = native()
+        data = text.encode("utf-8")
+        n = nat.ffi.new("size_t *")
+        capacity = len(data) + 2
+        while True:
+            buf = nat.ffi.new("int32_t[]", capacity)
+            self._check(nat.lib.dg_tokenize(self._handle, data, len(data), add_special, parse_special, buf, capacity, n))
+            if n[0] <= capacity:
+                return list(buf[0 : n[0]])
+            capacity = n[0]
+
+    def detokenize(self, ids, render_special: bool = False) -> str:
+        """The text of token `ids`; control tokens are dropped unless `render_special`."""
+        nat = native()
+        arr = [int(i) for i in ids]
+        id_buf = nat.ffi.new("int32_t[]", arr)
+        n = nat.ffi.new("size_t *")
+        capacity = 16 * len(arr) + 16
+        while True:
+            buf = nat.ffi.new("char[]", capacity)
+            self._check(nat.lib.dg_detokenize(self._handle, id_buf, len(arr), render_special, buf, capacity, n))
+            if n[0] <= capacity:
+                return nat.ffi.unpack(buf, n[0]).decode("utf-8", errors="replace")
+            capacity = n[0]
+
     @property
     def architecture(self) -> str:
         return self.metadata.get("general.architecture", "")

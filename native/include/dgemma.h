@@ -162,6 +162,17 @@ DG_API const char * dg_model_meta_get(const dg_model * model, const char * key);
 DG_API uint64_t dg_model_file_size(const dg_model * model);
 
 /* ---------------------------------------------------------------------------------------------
+ * Tokenizer: the model's own (tokenizer.ggml.model "gemma4": BPE over tokens and merges, byte
+ * fallback, special tokens matched whole). Both calls report the full size in *n_out; when it is
+ * larger than the buffer given, only the buffer is filled: call again with a larger one.
+ */
+DG_API dg_status dg_tokenize(const dg_model * model, const char * text, size_t text_len, bool add_bos,
+                             bool parse_special, int32_t * ids_out, size_t max_ids, size_t * n_out);
+/* UTF-8 text of `ids` (control tokens are skipped unless render_special). */
+DG_API dg_status dg_detokenize(const dg_model * model, const int32_t * ids, size_t n_ids, bool render_special,
+                               char * text_out, size_t max_bytes, size_t * n_out);
+
+/* ---------------------------------------------------------------------------------------------
  * Context: the state of one generation over a model: the KV cache of the prefix (prompt and
  * committed canvases) and scratch buffers. A model may have several contexts (one per thread);
  * it must outlive them. A context is not thread-safe.

@@ -6,6 +6,7 @@
 #include "devices.h"
 #include "error.h"
 #include "gguf_model.h"
+#include "tokenizer.h"
 
 #include "ggml.h"
 
@@ -192,6 +193,31 @@ const char * dg_model_meta_get(const dg_model * model, const char * key) {
 }
 
 uint64_t dg_model_file_size(const dg_model * model) { return model != nullptr ? model->impl->file_size() : 0; }
+
+dg_status dg_tokenize(const dg_model * model, const char * text, size_t text_len, bool add_bos, bool parse_special,
+                      int32_t * ids_out, size_t max_ids, size_t * n_out) {
+    if (model == nullptr || n_out == nullptr || (text == nullptr && text_len > 0) || (ids_out == nullptr && max_ids > 0)) {
+        return invalid("dg_tokenize: NULL argument");
+    }
+    return guarded([&] {
+        const std::vector<int32_t> ids =
+            model->impl->tokenizer().encode(std::string(text != nullptr ? text : "", text_len), add_bos, parse_special);
+        *n_out = ids.size();
+        std::copy_n(ids.begin(), std::min(ids.size(), max_ids), ids_out);
+    });
+}
+
+dg_status dg_detokenize(const dg_model * model, const int32_t * ids, size_t n_ids, bool render_special, char * text_out,
+                        size_t max_bytes, size_t * n_out) {
+    if (model == nullptr || n_out == nullptr || (ids == nullptr && n_ids > 0) || (text_out == nullptr && max_bytes > 0)) {
+        return invalid("dg_detokenize: NULL argument");
+    }
+    return guarded([&] {
+        const std::string text = model->impl->tokenizer().decode(ids, n_ids, render_special);
+        *n_out = text.size();
+        std::copy_n(text.begin(), std::min(text.size(), max_bytes), text_out);
+    });
+}
 
 dg_context_params dg_context_default_params(void) {
     dg_context_params p{};

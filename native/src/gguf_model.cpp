@@ -3,6 +3,7 @@
 #include "devices.h"
 #include "error.h"
 #include "gguf_schema.h"
+#include "tokenizer.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -318,6 +319,11 @@ std::unique_ptr<GgufModel> GgufModel::load(const std::string & path, const dg_mo
     }
     model->n_threads_ = n_threads;
     return model;
+}
+
+const Tokenizer & GgufModel::tokenizer() const {
+    std::call_once(tokenizer_once_, [this] { tokenizer_ = std::make_unique<Tokenizer>(*this); });
+    return *tokenizer_;
 }
 
 ggml_tensor * GgufModel::weight(const std::string & name) const {

@@ -20,6 +20,8 @@ struct ggml_backend_buffer;
 
 namespace dg {
 
+class Tokenizer;
+
 struct LayerLayout {
     bool     is_sliding = false;
     uint32_t n_head_kv  = 0;
@@ -59,6 +61,11 @@ public:
     const std::string &              device_name() const { return device_name_; }
     ggml_backend_device *            device() const { return device_; }
 
+    // The raw gguf metadata (for the tokenizer, which reads its arrays directly).
+    const gguf_context *             gguf() const { return gguf_; }
+    // The model's tokenizer, built on first use. Thread-safe.
+    const Tokenizer &                tokenizer() const;
+
     // The weight tensor `name` (shape and type from the file), or nullptr. Its data is usable by
     // ggml only after bind_weights().
     ggml_tensor *                    weight(const std::string & name) const;
@@ -88,6 +95,8 @@ private:
     ggml_backend_device *                     device_ = nullptr;
     mutable std::once_flag                    bind_once_;
     mutable ggml_backend_buffer *             weights_buffer_ = nullptr;
+    mutable std::once_flag                    tokenizer_once_;
+    mutable std::unique_ptr<Tokenizer>        tokenizer_;
     int32_t                                   n_threads_ = 1;
 };
 

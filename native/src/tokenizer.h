@@ -1,0 +1,36 @@
+// The gemma4 tokenizer of a GGUF file (spec section 1d): byte-level-fallback BPE over
+// tokenizer.ggml.tokens and tokenizer.ggml.merges, as Hugging Face's GemmaTokenizer runs it:
+// special (CONTROL / USER_DEFINED) tokens are matched whole first, spaces become U+2581, merges
+// apply by rank, symbols without a token become <0xXX> byte tokens; no prefix space is added.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dg {
+
+class GgufModel;
+
+class Tokenizer {
+public:
+    // Reads the vocabulary from the model's metadata; throws dg::Error when it is malformed.
+    explicit Tokenizer(const GgufModel & model);
+    ~Tokenizer();
+    Tokenizer(const Tokenizer &) = delete;
+    Tokenizer & operator=(const Tokenizer &) = delete;
+
+    // `add_bos` prepends tokenizer.ggml.bos_token_id; with `parse_special` false, special-token
+    // text is tokenized as ordinary text.
+    std::vector<int32_t> encode(const std::string & text, bool add_bos, bool parse_special) const;
+    // The UTF-8 text of `ids`; CONTROL tokens render as nothing unless `render_special`.
+    // Throws dg::Error (DG_ERR_INVALID_ARG) for an id outside the vocabulary.
+    std::string decode(const int32_t * ids, size_t n, bool render_special) const;
+
+private:
+    struct Impl;
+    Impl * impl_;
+};
+
+}  // namespace dg
