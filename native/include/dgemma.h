@@ -203,6 +203,50 @@ DG_API void      dg_context_reset(dg_context * ctx);
 DG_API uint32_t  dg_context_n_past(const dg_context * ctx);
 DG_API uint32_t  dg_context_n_ctx(const dg_context * ctx);
 
+/* ---------------------------------------------------------------------------------------------
+ * Sampler: the entropy-bound sampler of one canvas at a time (spec section 4). Deterministic for a
+ * given seed, whatever the thread count.
+ */
+typedef struct dg_sampler dg_sampler;
+
+typedef struct dg_sampler_params {
+    uint32_t max_steps;            /* denoising steps per canvas                                   */
+    float    t_min;                /* temperature of the last step is t_min + (t_max - t_min)/steps */
+    float    t_max;                /* temperature of the first step                                 */
+    float    entropy_bound;        /* accept low-entropy positions while their entropies sum <= it  */
+    uint32_t stability_threshold;  /* steps the argmax canvas must repeat to count as stable        */
+    float    confidence_threshold; /* mean entropy below which a stable canvas is done              */
+    uint64_t seed;
+    int32_t  n_threads;            /* <= 0: one per core                                            */
+} dg_sampler_params;
+
+typedef struct dg_step_result {
+    uint32_t step;          /* 0-based step on this canvas                  */
+    float    temperature;   /* the temperature this step used               */
+    float    mean_entropy;  /* mean entropy of the processed distributions  */
+    uint32_t n_accepted;    /* positions whose sample was kept              */
+    bool     converged;     /* stable and confident                         */
+    bool     stop;          /* converged, or max_steps reached              */
+} dg_step_result;
+
+/* The model's diffusion.eb_* settings (a NULL model: 48 steps, t 0.4..0.8, bound 0.1, stability 1,
+ * confidence 0.005). */
+DG_API dg_sampler_params dg_sampler_default_params(const dg_model * model);
+DG_API dg_status         dg_sampler_new(const dg_sampler_params * params, uint32_t canvas_len, uint32_t n_vocab,
+                                        dg_sampler ** out_sampler);
+DG_API void              dg_sampler_free(dg_sampler * sampler);
+/* Fills `canvas` [canvas_len] with uniform random ids and starts a new canvas (step 0). */
+DG_API void              dg_sampler_init_canvas(dg_sampler * sampler, int32_t * canvas);
+/* The temperature the next step will use. */
+DG_API float             dg_sampler_temperature(const dg_sampler * sampler);
+/* One step on the raw logits of the current canvas, [canvas_len][n_vocab]. `logits` is divided by
+ * the temperature in place (the processed logits: pass them as sc_logits to the next dg_denoise);
+ * `canvas` becomes the next canvas. argmax_out (the answer when result->stop), draws_out,
+ * accepted_out and entropy_out ([canvas_len] each) may be NULL. */
+DG_API dg_status         dg_sampler_step(dg_sampler * sampler, float * logits, int32_t * canvas, int32_t * argmax_out,
+                                         int32_t * draws_out, uint8_t * accepted_out, float * entropy_out,
+                                         dg_step_result * result);
+
 /* --- cffi:end --- */
 
 #ifdef __cplusplus

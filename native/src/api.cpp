@@ -6,6 +6,7 @@
 #include "devices.h"
 #include "error.h"
 #include "gguf_model.h"
+#include "sampler.h"
 #include "tokenizer.h"
 
 #include "ggml.h"
@@ -26,6 +27,11 @@ struct dg_model {
 
 struct dg_context {
     std::unique_ptr<dg::Context> impl;
+};
+
+struct dg_sampler {
+    std::unique_ptr<dg::Sampler> impl;
+    uint32_t                     canvas_len;
 };
 
 namespace {
@@ -295,5 +301,41 @@ void dg_context_reset(dg_context * ctx) {
 uint32_t dg_context_n_past(const dg_context * ctx) { return ctx != nullptr ? ctx->impl->n_past() : 0; }
 
 uint32_t dg_context_n_ctx(const dg_context * ctx) { return ctx != nullptr ? ctx->impl->n_ctx() : 0; }
+
+dg_sampler_params dg_sampler_default_params(const dg_model * model) {
+    return dg::sampler_params_from(model != nullptr ? model->impl.get() : nullptr);
+}
+
+dg_status dg_sampler_new(const dg_sampler_params * params, uint32_t canvas_len, uint32_t n_vocab, dg_sampler ** out_sampler) {
+    if (out_sampler == nullptr) {
+        return invalid("dg_sampler_new: out_sampler is NULL");
+    }
+    *out_sampler = nullptr;
+    const dg_sampler_params p = params != nullptr ? *params : dg::sampler_params_from(nullptr);
+    return guarded([&] {
+        std::unique_ptr<dg_sampler> s(new dg_sampler());
+        s->impl       = std::make_unique<dg::Sampler>(p, canvas_len, n_vocab);
+        s->canvas_len = canvas_len;
+        *out_sampler  = s.release();
+    });
+}
+
+void dg_sampler_free(dg_sampler * sampler) { delete sampler; }
+
+void dg_sampler_init_canvas(dg_sampler * sampler, int32_t * canvas) {
+    if (sampler != nullptr && canvas != nullptr) {
+        sampler->impl->init_canvas(canvas);
+    }
+}
+
+float dg_sampler_temperature(const dg_sampler * sampler) { return sampler != nullptr ? sampler->impl->temperature() : 0.0f; }
+
+dg_status dg_sampler_step(dg_sampler * sampler, float * logits, int32_t * canvas, int32_t * argmax_out, int32_t * draws_out,
+                          uint8_t * accepted_out, float * entropy_out, dg_step_result * result) {
+    if (sampler == nullptr || logits == nullptr || canvas == nullptr || result == nullptr) {
+        return invalid("dg_sampler_step: NULL argument");
+    }
+    return guarded([&] { *result = sampler->impl->step(logits, canvas, argmax_out, draws_out, accepted_out, entropy_out); });
+}
 
 }  // extern "C"
