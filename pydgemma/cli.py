@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -153,6 +154,49 @@ def info(
         typer.echo(json.dumps(data, indent=2))
     else:
         _print_info(data)
+
+
+@app.command()
+def run(
+    model: Path = typer.Option(..., "--model", "-m", help="A DiffusionGemma .gguf file.", show_default=False),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt (one user turn). '-' reads stdin."),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="Chat: a prompt per line, history kept."),
+    visual: bool = typer.Option(False, "--visual", help="Watch the canvas denoise (accepted tokens bold, noise dim)."),
+    think: bool = typer.Option(False, "--think", help="Let the model think first; thoughts are shown apart."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (same seed, same answer). Default: random."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps per canvas (default: the model's, 48)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Tokens to generate at most (a canvas is 256)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: physical cores)."),
+    device: str = typer.Option("auto", "--device", "-d", help="'auto', 'cpu', or a device name (see 'info')."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system prompt for --interactive."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object: text, thinking, tokens, stats."),
+) -> None:
+    """Generate text from a prompt, or chat with -i.
+
+    Examples:
+
+      pydgemma run -m model.gguf -p "Write a haiku about rivers"
+
+      pydgemma run -m model.gguf -p "hi" --seed 3 --json
+
+      pydgemma run -m model.gguf -i --visual
+    """
+    import random
+
+    from .model import Model
+    from .run_cli import interactive as chat_loop
+    from .run_cli import run_once
+
+    if not interactive and prompt is None:
+        raise typer.BadParameter("give a prompt with -p, or chat with -i", param_hint="'--prompt'")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    options = {"seed": seed if seed is not None else random.randrange(2**63), "max_steps": steps,
+               "max_new_tokens": max_tokens}
+    m = Model(model, device=device, n_threads=threads)
+    if interactive:
+        raise typer.Exit(chat_loop(m, options, think=think, visual=visual, system=system))
+    raise typer.Exit(run_once(m, prompt or "", options, visual=visual, as_json=json_output, think=think))
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ PYDGEMMA_DEBUG is set."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import NoReturn
 
@@ -14,6 +15,8 @@ from .errors import PydgemmaError
 
 
 def run_app(app: typer.Typer, user_errors: tuple[type[BaseException], ...] = ()) -> NoReturn:
+    # Ctrl-C must work even when started with SIGINT ignored (e.g. from a shell's background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         rc = app(standalone_mode=False)
     except (PydgemmaError, *user_errors) as exc:

@@ -77,6 +77,10 @@ class Context:
         """Empties the cache."""
         native().lib.dg_context_reset(self._handle)
 
+    def truncate(self, n_past: int) -> None:
+        """Keeps only the first `n_past` cached tokens."""
+        self._check(native().lib.dg_context_truncate(self._handle, n_past))
+
     @property
     def n_past(self) -> int:
         """Tokens in the cache (prompt and committed canvases)."""

@@ -197,6 +197,68 @@ class Model:
             capacity = n[0]
 
     @property
+    def chat_template(self) -> str | None:
+        from ._native import native
+
+        nat = native()
+        value = nat.lib.dg_model_meta_get(self._handle, b"tokenizer.chat_template")
+        return nat.string(value) if value != nat.ffi.NULL else None
+
+    @property
+    def eog_ids(self) -> list[int]:
+        """End-of-generation token ids (<eos>, <turn|>, <|tool_response>, tokenizer.ggml.eos_token_id)."""
+        from ._native import native
+
+        nat = native()
+        p = nat.lib.dg_generate_default_params(self._handle)
+        return [int(p.eos_ids[i]) for i in range(p.n_eos)]
+
+    def token_text(self, token_id: int) -> str:
+        return self.detokenize([token_id], render_special=True)
+
+    def chat_prompt_ids(self, messages, *, think: bool = False) -> list[int]:
+        """Token ids of `messages` rendered with the model's chat template and a generation prompt,
+        with exactly one BOS."""
+        from .chat import render
+
+        template = self.chat_template
+        if template is None:
+            raise ModelError("this model has no chat template (tokenizer.chat_template)", "DG_ERR_UNSUPPORTED")
+        special = {}
+        for name, key in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id"),
+                          ("pad_token", "tokenizer.ggml.padding_token_id")):
+            if key in self.metadata:
+                special[name] = self.token_text(int(self.metadata[key]))
+        text = render(template, messages, add_generation_prompt=True, enable_thinking=think, special=special)
+        bos = special.get("bos_token")
+        return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
+
+    def generate(self, prompt_or_messages, *, max_new_tokens: int = 256, think: bool = False, n_ctx: int | None = None,
+                 **options):
+        """Generates a reply. A string is one user turn (rendered with the chat template when the
+        model has one); a list is chat messages ({"role", "content"}). Options: max_steps, t_min,
+        t_max, entropy_bound, seed, on_step(StepEvent) -> False to stop, on_canvas(index, text)."""
+        from .generate import generate_in_context
+
+        if isinstance(prompt_or_messages, str):
+            if self.chat_template is not None:
+                ids = self.chat_prompt_ids([{"role": "user", "content": prompt_or_messages}], think=think)
+            else:
+                ids = self.tokenize(prompt_or_messages)
+        else:
+            ids = self.chat_prompt_ids(list(prompt_or_messages), think=think)
+        canvas = self.hparams["canvas_length"]
+        needed = len(ids) + -(-max_new_tokens // canvas) * canvas
+        ctx = self.context(n_ctx=n_ctx or min(self.hparams["n_ctx_train"], max(needed, 1)))
+        return generate_in_context(self, ctx, ids, max_new_tokens=max_new_tokens, **options)
+
+    def chat(self, *, system: str | None = None, think: bool = False, n_ctx: int | None = None, **options):
+        """A multi-turn session (see pydgemma.chat.ChatSession)."""
+        from .chat import ChatSession
+
+        return ChatSession(self, system=system, think=think, n_ctx=n_ctx, **options)
+
+    @property
     def architecture(self) -> str:
         return self.metadata.get("general.architecture", "")
 

@@ -200,6 +200,9 @@ DG_API dg_status dg_denoise(dg_context * ctx, const int32_t * canvas, size_t n_c
 DG_API dg_status dg_commit(dg_context * ctx, const int32_t * canvas, size_t n_canvas);
 /* Empties the cache. */
 DG_API void      dg_context_reset(dg_context * ctx);
+/* Keeps only the first n_past cached tokens (n_past <= dg_context_n_past), e.g. to reuse a shared
+ * prefix of the next prompt. */
+DG_API dg_status dg_context_truncate(dg_context * ctx, uint32_t n_past);
 DG_API uint32_t  dg_context_n_past(const dg_context * ctx);
 DG_API uint32_t  dg_context_n_ctx(const dg_context * ctx);
 
@@ -246,6 +249,51 @@ DG_API float             dg_sampler_temperature(const dg_sampler * sampler);
 DG_API dg_status         dg_sampler_step(dg_sampler * sampler, float * logits, int32_t * canvas, int32_t * argmax_out,
                                          int32_t * draws_out, uint8_t * accepted_out, float * entropy_out,
                                          dg_step_result * result);
+
+/* ---------------------------------------------------------------------------------------------
+ * Generation: prefill the prompt, then denoise canvases with the sampler, committing each finished
+ * canvas before the next, until max_new_tokens or an end-of-generation token.
+ */
+typedef struct dg_step_event {
+    uint32_t        canvas;        /* 0-based canvas index                     */
+    uint32_t        step;          /* 0-based step on this canvas              */
+    float           temperature;
+    float           mean_entropy;
+    uint32_t        n_accepted;
+    bool            converged;
+    bool            stop;          /* the last step of this canvas             */
+    uint32_t        canvas_len;
+    const int32_t * argmax;        /* [canvas_len] the draft answer            */
+    const int32_t * canvas_ids;    /* [canvas_len] the next canvas             */
+    const uint8_t * accepted;      /* [canvas_len] 1 = sample kept this step   */
+} dg_step_event;
+
+/* Called after every step; return false to cancel the generation (dg_generate then returns DG_OK
+ * with what was finished so far and *cancelled set). */
+typedef bool (*dg_step_callback)(const dg_step_event * event, void * user_data);
+
+typedef struct dg_generate_params {
+    uint32_t          max_new_tokens;
+    const int32_t *   eos_ids;     /* tokens that end the generation (default: the model's EOG tokens) */
+    size_t            n_eos;
+    dg_step_callback  on_step;     /* may be NULL */
+    void *            user_data;
+} dg_generate_params;
+
+typedef struct dg_generate_result {
+    size_t   n_tokens;      /* tokens written to tokens_out (<= max_new_tokens)          */
+    uint32_t n_canvases;    /* canvases denoised                                          */
+    uint32_t n_forwards;    /* decoder passes in all                                      */
+    bool     hit_eos;
+    bool     cancelled;
+} dg_generate_result;
+
+DG_API dg_generate_params dg_generate_default_params(const dg_model * model);
+/* `tokens_out` holds max_new_tokens ids; `steps_out` (may be NULL) receives the step count of each
+ * canvas and holds ceil(max_new_tokens / canvas_length) entries. */
+DG_API dg_status dg_generate(dg_context * ctx, const dg_sampler_params * sampler, const int32_t * prompt, size_t n_prompt,
+                             const dg_generate_params * params, int32_t * tokens_out, uint32_t * steps_out,
+                             dg_generate_result * result);
 
 /* --- cffi:end --- */
 

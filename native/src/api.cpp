@@ -5,6 +5,7 @@
 #include "context.h"
 #include "devices.h"
 #include "error.h"
+#include "generate.h"
 #include "gguf_model.h"
 #include "sampler.h"
 #include "tokenizer.h"
@@ -298,6 +299,13 @@ void dg_context_reset(dg_context * ctx) {
     }
 }
 
+dg_status dg_context_truncate(dg_context * ctx, uint32_t n_past) {
+    if (ctx == nullptr) {
+        return invalid("dg_context_truncate: ctx is NULL");
+    }
+    return guarded([&] { ctx->impl->truncate(n_past); });
+}
+
 uint32_t dg_context_n_past(const dg_context * ctx) { return ctx != nullptr ? ctx->impl->n_past() : 0; }
 
 uint32_t dg_context_n_ctx(const dg_context * ctx) { return ctx != nullptr ? ctx->impl->n_ctx() : 0; }
@@ -336,6 +344,40 @@ dg_status dg_sampler_step(dg_sampler * sampler, float * logits, int32_t * canvas
         return invalid("dg_sampler_step: NULL argument");
     }
     return guarded([&] { *result = sampler->impl->step(logits, canvas, argmax_out, draws_out, accepted_out, entropy_out); });
+}
+
+dg_generate_params dg_generate_default_params(const dg_model * model) {
+    dg_generate_params p{};
+    p.max_new_tokens = 256;
+    if (model != nullptr) {
+        p.eos_ids = model->impl->eog_ids().data();
+        p.n_eos   = model->impl->eog_ids().size();
+    }
+    return p;
+}
+
+dg_status dg_generate(dg_context * ctx, const dg_sampler_params * sampler, const int32_t * prompt, size_t n_prompt,
+                      const dg_generate_params * params, int32_t * tokens_out, uint32_t * steps_out, dg_generate_result * result) {
+    if (ctx == nullptr || sampler == nullptr || params == nullptr || tokens_out == nullptr || result == nullptr ||
+        (prompt == nullptr && n_prompt > 0) || (params->eos_ids == nullptr && params->n_eos > 0)) {
+        return invalid("dg_generate: NULL argument");
+    }
+    if (dg_status st = check_count(n_prompt, "generate"); st != DG_OK) {
+        return st;
+    }
+    return guarded([&] {
+        const dg::GenerateResult r = dg::generate(*ctx->impl, *sampler, prompt, static_cast<uint32_t>(n_prompt), *params);
+        std::copy(r.tokens.begin(), r.tokens.end(), tokens_out);
+        if (steps_out != nullptr) {
+            std::copy(r.steps.begin(), r.steps.end(), steps_out);
+        }
+        *result            = dg_generate_result{};
+        result->n_tokens   = r.tokens.size();
+        result->n_canvases = static_cast<uint32_t>(r.steps.size());
+        result->n_forwards = r.n_forwards;
+        result->hit_eos    = r.hit_eos;
+        result->cancelled  = r.cancelled;
+    });
 }
 
 }  // extern "C"

@@ -127,6 +127,13 @@ void Context::check_tokens(const int32_t * tokens, uint32_t n, const char * what
     }
 }
 
+void Context::truncate(uint32_t n_past) {
+    if (n_past > n_past_) {
+        fail(DG_ERR_INVALID_ARG, format("truncate: %u is more than the %u cached tokens", n_past, n_past_));
+    }
+    n_past_ = n_past;  // the entries past it are overwritten by the next prefill
+}
+
 void Context::prefill(const int32_t * tokens, uint32_t n) {
     check_tokens(tokens, n, "prefill");
     for (uint32_t done = 0; done < n;) {

@@ -34,8 +34,10 @@ public:
     // Appends a finished canvas to the cache through the encoder (same as prefill).
     void commit(const int32_t * canvas, uint32_t n) { prefill(canvas, n); }
     void reset() { n_past_ = 0; }
+    void truncate(uint32_t n_past);
 
-    uint32_t n_past() const { return n_past_; }
+    uint32_t          n_past() const { return n_past_; }
+    const GgufModel & model() const { return model_; }
     uint32_t n_ctx() const { return cache_.n_ctx(); }
     int32_t  n_threads() const { return n_threads_; }
 

@@ -583,6 +583,21 @@ void GgufModel::read_hparams() {
         fail(DG_ERR_FORMAT, format("tokenizer.ggml.tokens has %zu entries", n_vocab));
     }
     hp.n_vocab = static_cast<uint32_t>(n_vocab);
+    {
+        const int64_t tokens_id = gguf_find_key(g, "tokenizer.ggml.tokens");
+        const int64_t eos_id    = gguf_find_key(g, "tokenizer.ggml.eos_token_id");
+        if (eos_id >= 0 && has_type(g, eos_id, schema::KeyType::UINT) && integer_at(g, eos_id, 0) < static_cast<int64_t>(n_vocab)) {
+            eog_ids_.push_back(static_cast<int32_t>(integer_at(g, eos_id, 0)));
+        }
+        for (size_t i = 0; i < n_vocab; ++i) {
+            const char * piece = gguf_get_arr_str(g, tokens_id, i);
+            if (std::strcmp(piece, "<eos>") == 0 || std::strcmp(piece, "<turn|>") == 0 || std::strcmp(piece, "<|tool_response>") == 0) {
+                if (std::find(eog_ids_.begin(), eog_ids_.end(), static_cast<int32_t>(i)) == eog_ids_.end()) {
+                    eog_ids_.push_back(static_cast<int32_t>(i));
+                }
+            }
+        }
+    }
     for (const char * key : {"tokenizer.ggml.scores", "tokenizer.ggml.token_type"}) {
         const int64_t id = gguf_find_key(g, key);
         if (id >= 0 && gguf_get_arr_n(g, id) != n_vocab) {

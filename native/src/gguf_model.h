@@ -61,6 +61,9 @@ public:
     const std::string &              device_name() const { return device_name_; }
     ggml_backend_device *            device() const { return device_; }
 
+    // End-of-generation tokens: tokenizer.ggml.eos_token_id and the tokens spelled <eos>, <turn|>
+    // and <|tool_response>.
+    const std::vector<int32_t> &     eog_ids() const { return eog_ids_; }
     // The raw gguf metadata (for the tokenizer, which reads its arrays directly).
     const gguf_context *             gguf() const { return gguf_; }
     // The model's tokenizer, built on first use. Thread-safe.
@@ -91,6 +94,7 @@ private:
     std::unordered_map<std::string, size_t>   tensor_index_;
     std::vector<MetaRecord>                   meta_;
     std::unordered_map<std::string, size_t>   meta_index_;
+    std::vector<int32_t>                      eog_ids_;
     std::string                               device_name_;
     ggml_backend_device *                     device_ = nullptr;
     mutable std::once_flag                    bind_once_;

@@ -21,8 +21,8 @@ public:
     Tokenizer(const Tokenizer &) = delete;
     Tokenizer & operator=(const Tokenizer &) = delete;
 
-    // `add_bos` prepends tokenizer.ggml.bos_token_id; with `parse_special` false, special-token
-    // text is tokenized as ordinary text.
+    // `add_bos` prepends tokenizer.ggml.bos_token_id (nothing when the model has none); with
+    // `parse_special` false, special-token text is tokenized as ordinary text.
     std::vector<int32_t> encode(const std::string & text, bool add_bos, bool parse_special) const;
     // The UTF-8 text of `ids`; CONTROL tokens render as nothing unless `render_special`.
     // Throws dg::Error (DG_ERR_INVALID_ARG) for an id outside the vocabulary.
