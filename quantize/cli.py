@@ -34,6 +34,10 @@ def _root() -> None:
       pydgemma-quantize convert ./diffusiongemma-26B-A4B-it -o dg-bf16.gguf
 
       pydgemma-quantize convert google/diffusiongemma-26B-A4B-it -o dg-q8_0.gguf --type q8_0
+
+      pydgemma-quantize quantize dg-bf16.gguf -o dg-Q4_K_M.gguf --type Q4_K_M
+
+      pydgemma-quantize quantize dg-bf16.gguf --type Q4_K_M --dry-run
     """
 
 
@@ -88,6 +92,66 @@ def convert(
         table.add_row(name.lower(), str(count))
     out.print(table)
     out.print(f"{result.n_tensors} tensors, {_human(result.n_bytes)}, {time.monotonic() - started:.1f} s")
+
+
+@app.command("quantize")
+def quantize_cmd(
+    source: str = typer.Argument(..., help="An F32/F16/BF16 .gguf, or a Hugging Face checkpoint folder (or cached repo id).",
+                                 show_default=False),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="The .gguf file to write.", show_default=False),
+    mix: str = typer.Option(..., "--type", "-t", help="Q4_K_M, Q5_K_M, Q6_K, Q8_0, NVFP4, F16 or BF16.", show_default=False),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE: force a type on matching tensors "
+                                          "(repeatable; the last match wins), e.g. 'ffn_down_exps=Q8_0'."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor, type, bytes) and write nothing."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Quantization threads (default: all cores)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace OUTPUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+) -> None:
+    """Quantize a model with ggml's quantizers, using llama-quantize's per-tensor policy for the mix.
+
+    Norms, scales, the router and every 1-D tensor stay F32; k-quants fall back where a row length is
+    not a multiple of 256 (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), NVFP4 where it is not a
+    multiple of 64 (-> Q8_0). The output is written atomically, tensor by tensor.
+    """
+    from .policy import parse_override
+    from .quantize import choice_bytes, quantize
+
+    try:
+        overrides = [parse_override(spec) for spec in tensor_type]
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from exc
+    console = Console(stderr=True)
+    started = time.monotonic()
+    show = not quiet and not dry_run and console.is_terminal
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console, disable=not show) as bar:
+        tasks: dict[str, int] = {}
+
+        def report(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done)
+
+        result = quantize(source, output, mix=mix, overrides=overrides, n_threads=threads, overwrite=force,
+                          dry_run=dry_run, progress=report)
+    out = Console()
+    if dry_run:  # plain aligned lines: never truncated, easy to grep
+        width = max(len(c.name) for c in result.plan)
+        typer.echo(f"{'tensor':{width}}  {'shape':>16}  {'type':7}  {'bytes':>14}  note")
+        for c in result.plan:
+            shape = "x".join(map(str, c.shape))
+            typer.echo(f"{c.name:{width}}  {shape:>16}  {c.qtype.name:7}  {choice_bytes(c):>14,}  {c.note}".rstrip())
+    if quiet and not dry_run:
+        return
+    summary = Table()
+    summary.add_column("type")
+    summary.add_column("tensors", justify="right")
+    summary.add_column("size", justify="right")
+    for name, (count, nbytes) in sorted(result.type_table().items()):
+        summary.add_row(name, str(count), _human(nbytes))
+    out.print(summary)
+    where = f"wrote {result.path}" if result.path else "dry run: nothing written"
+    out.print(f"{where}: {len(result.plan)} tensors, {_human(result.n_bytes)}, {time.monotonic() - started:.1f} s")
 
 
 def _terminate(signum: int, frame: object) -> None:

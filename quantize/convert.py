@@ -36,12 +36,30 @@ class PlannedTensor:
     gguf_name: str
     shape: tuple[int, ...]  # torch order
     qtype: Q
-    source: TensorEntry | None = None  # None: generated data
-    data: np.ndarray | None = None
+    source: TensorEntry | None = None  # a checkpoint tensor, or
+    data: np.ndarray | None = None  # generated data, or
+    gguf_source: object | None = None  # a tensor of a GGUF file (gguf.ReaderTensor)
 
     @property
     def n_bytes(self) -> int:
         return n_bytes(self.shape, self.qtype)
+
+    def rows(self, chunk_bytes: int) -> Iterator[np.ndarray]:
+        """The tensor as float32 blocks of whole rows [k, row_length], in order."""
+        row_len = self.shape[-1]
+        if self.data is not None:
+            yield self.data.reshape(-1, row_len).astype(np.float32, copy=False)
+        elif self.source is not None:
+            yield from iter_rows(self.source, chunk_bytes)
+        else:
+            t = self.gguf_source
+            raw = np.asarray(t.data)
+            n_rows = int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+            raw = raw.reshape(n_rows, -1)
+            step = max(1, chunk_bytes // (4 * row_len))
+            for start in range(0, n_rows, step):
+                block = raw[start:start + step]
+                yield gguf.quants.dequantize(block, t.tensor_type).reshape(-1, row_len).astype(np.float32, copy=False)
 
 
 @dataclass
@@ -130,10 +148,10 @@ def _default_out_type(ckpt: Checkpoint) -> Q:
     return Q.F16
 
 
-def _write_metadata(w: gguf.GGUFWriter, a: ArchParams, ckpt: Checkpoint, qtype: Q, name: str) -> None:
+def _write_metadata(w: gguf.GGUFWriter, a: ArchParams, ckpt: Checkpoint, file_type: int, name: str) -> None:
     w.add_type("model")
     w.add_name(name)
-    w.add_file_type(FILE_TYPES[qtype])
+    w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(a.context_length)
     w.add_embedding_length(a.hidden_size)
@@ -242,8 +260,14 @@ def convert(
 
 def _write_file(tmp: Path, plan: list[PlannedTensor], a: ArchParams, ckpt: Checkpoint, qtype: Q, name: str,
                 progress: ProgressFn | None, chunk_bytes: int) -> None:
+    write_gguf(tmp, plan, lambda w: _write_metadata(w, a, ckpt, FILE_TYPES[qtype], name), _encode, progress, chunk_bytes)
+
+
+def write_gguf(tmp: Path, plan: list[PlannedTensor], write_metadata: Callable[[gguf.GGUFWriter], None],
+               encode: Callable[[np.ndarray, Q], memoryview], progress: ProgressFn | None, chunk_bytes: int) -> None:
+    """Metadata and tensor infos first, then each tensor's data streamed in row chunks."""
     w = gguf.GGUFWriter(tmp, ARCH)
-    _write_metadata(w, a, ckpt, qtype, name)
+    write_metadata(w)
     for t in plan:
         w.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.n_bytes, raw_dtype=t.qtype)
     w.write_header_to_file()
@@ -257,18 +281,12 @@ def _write_file(tmp: Path, plan: list[PlannedTensor], a: ArchParams, ckpt: Check
         w.write_padding(f, f.tell())
         for t in plan:
             written = 0
-            if t.data is not None:
-                blob = _encode(t.data.reshape(-1, t.shape[-1]), t.qtype)
+            for rows in t.rows(chunk_bytes):
+                blob = encode(rows, t.qtype)
                 f.write(blob)
-                written = blob.nbytes
-            else:
-                assert t.source is not None
-                for rows in iter_rows(t.source, chunk_bytes):
-                    blob = _encode(rows, t.qtype)
-                    f.write(blob)
-                    written += blob.nbytes
-                    if progress:
-                        progress("writing", done + written, total)
+                written += blob.nbytes
+                if progress:
+                    progress("writing", done + written, total)
             if written != t.n_bytes:
                 raise ConversionError(f"internal error: wrote {written} bytes for '{t.gguf_name}', expected {t.n_bytes}")
             done += written

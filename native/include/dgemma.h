@@ -295,6 +295,16 @@ DG_API dg_status dg_generate(dg_context * ctx, const dg_sampler_params * sampler
                              const dg_generate_params * params, int32_t * tokens_out, uint32_t * steps_out,
                              dg_generate_result * result);
 
+/* ---------------------------------------------------------------------------------------------
+ * Quantization with ggml's quantizers (types are ggml_type values, e.g. 12 = Q4_K, 40 = NVFP4).
+ */
+/* Quantizes n_rows rows of n_per_row floats into `dst` (n_rows * dg_type_row_size bytes);
+ * `imatrix` ([n_per_row] importance weights) may be NULL. *n_bytes receives the bytes written. */
+DG_API dg_status dg_quantize(int32_t type, const float * src, void * dst, int64_t n_rows, int64_t n_per_row,
+                             const float * imatrix, int32_t n_threads, size_t * n_bytes);
+/* Bytes of one row; 0 when the type is unknown or n_per_row is not a multiple of its block. */
+DG_API size_t    dg_type_row_size(int32_t type, int64_t n_per_row);
+
 /* --- cffi:end --- */
 
 #ifdef __cplusplus

@@ -7,6 +7,7 @@
 #include "error.h"
 #include "generate.h"
 #include "gguf_model.h"
+#include "quantize.h"
 #include "sampler.h"
 #include "tokenizer.h"
 
@@ -379,5 +380,15 @@ dg_status dg_generate(dg_context * ctx, const dg_sampler_params * sampler, const
         result->cancelled  = r.cancelled;
     });
 }
+
+dg_status dg_quantize(int32_t type, const float * src, void * dst, int64_t n_rows, int64_t n_per_row, const float * imatrix,
+                      int32_t n_threads, size_t * n_bytes) {
+    if (src == nullptr || dst == nullptr || n_bytes == nullptr) {
+        return invalid("dg_quantize: NULL argument");
+    }
+    return guarded([&] { *n_bytes = dg::quantize_rows(type, src, dst, n_rows, n_per_row, imatrix, n_threads); });
+}
+
+size_t dg_type_row_size(int32_t type, int64_t n_per_row) { return dg::type_row_size(type, n_per_row); }
 
 }  // extern "C"
