@@ -199,6 +199,49 @@ def run(
     raise typer.Exit(run_once(m, prompt or "", options, visual=visual, as_json=json_output, think=think))
 
 
+@app.command()
+def bench(
+    model: Path = typer.Option(..., "--model", "-m", help="A DiffusionGemma .gguf file.", show_default=False),
+    prompt_tokens: int = typer.Option(64, "--prompt-tokens", help="Random prompt length."),
+    canvases: int = typer.Option(1, "--canvases", help="Canvases to generate in the end-to-end run."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps per canvas (default: the model's)."),
+    fixed_steps: bool = typer.Option(False, "--fixed-steps", help="No adaptive stopping: every canvas runs all steps."),
+    repeat: int = typer.Option(5, "--repeat", help="Measurements per figure (medians are reported)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: physical cores)."),
+    device: str = typer.Option("auto", "--device", "-d", help="'auto', 'cpu', or a device name."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Measure prefill speed, the cost of one denoising step (forward / self-conditioning / sampler)
+    and a whole generation on this machine.
+
+    Example: pydgemma bench -m model.gguf --steps 16 --fixed-steps
+    """
+    from .bench import run_bench
+    from .model import Model
+
+    m = Model(model, device=device, n_threads=threads)
+    r = run_bench(m, prompt_tokens=prompt_tokens, canvases=canvases, steps=steps, fixed_steps=fixed_steps, repeat=repeat)
+    if json_output:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    d, g = r["denoise_step"], r["generation"]
+    table = Table(title=f"{Path(model).name} on {m.device}, {m.n_threads} threads", title_justify="left")
+    table.add_column("figure", style="cyan")
+    table.add_column("value", justify="right")
+    table.add_row("prefill", f"{r['prefill_tok_per_s']:.1f} tok/s ({r['prompt_tokens']} tokens)")
+    table.add_row("denoise step: forward", f"{d['forward']['median_ms']:.2f} ms (p90 {d['forward']['p90_ms']:.2f})")
+    table.add_row("  + self-conditioning", f"{d['forward_with_self_conditioning']['median_ms']:.2f} ms")
+    table.add_row("  sampler", f"{d['sampler']['median_ms']:.2f} ms")
+    share = d["share"]
+    table.add_row("  shares", f"forward {share['forward']:.0%}, self-cond {share['self_conditioning']:.0%}, "
+                  f"sampler {share['sampler']:.0%}")
+    table.add_row("steps per canvas", ", ".join(map(str, g["steps_per_canvas"])) + (" (fixed)" if g["fixed_steps"] else ""))
+    table.add_row("generated", f"{g['generated_tokens']} tokens in {g['seconds']:.2f} s = {g['generated_tok_per_s']:.1f} tok/s")
+    table.add_row("tokens per forward", f"{g['tokens_per_forward']:.2f}")
+    table.add_row("peak RSS", _human_bytes(r["peak_rss_bytes"]))
+    _stdout.print(table)
+
+
 def main() -> None:
     """Entry point of the `pydgemma` command."""
     from .cli_runner import run_app

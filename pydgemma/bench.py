@@ -1,0 +1,90 @@
+"""`pydgemma bench`: where the time of a generation goes, measured on this machine."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _ms(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return {"median_ms": 1e3 * statistics.median(ordered), "p90_ms": 1e3 * p90}
+
+
+def run_bench(model, *, prompt_tokens: int = 64, canvases: int = 1, steps: int | None = None, fixed_steps: bool = False,
+              repeat: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Prefill speed; one denoise step split into forward, self-conditioning and sampler; and a
+    whole generation (steps per canvas, tokens/s, tokens per forward). Random prompt tokens."""
+    from .generate import generate_ids
+    from .sampler import Sampler, default_params
+
+    hp = model.hparams
+    C, V = hp["canvas_length"], hp["n_vocab"]
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, V, prompt_tokens).astype(np.int32)
+    ctx = model.context(n_ctx=min(hp["n_ctx_train"], prompt_tokens + (canvases + 1) * C))
+
+    prefill = []
+    for _ in range(max(1, repeat // 2)):
+        ctx.reset()
+        t = time.perf_counter()
+        ctx.prefill(prompt)
+        prefill.append(time.perf_counter() - t)
+
+    canvas = rng.integers(0, V, C).astype(np.int32)
+    logits = ctx.denoise(canvas)  # warm-up, and the self-conditioning input below
+    plain, with_sc, sampling = [], [], []
+    sampler = Sampler(model, seed=seed)
+    for _ in range(repeat):
+        t = time.perf_counter()
+        ctx.denoise(canvas)
+        plain.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        out = ctx.denoise(canvas, logits)
+        with_sc.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        sampler.new_canvas()
+        sampler.step(out, canvas.copy())
+        sampling.append(time.perf_counter() - t)
+
+    settings: dict[str, Any] = {"seed": seed, "max_steps": steps}
+    if fixed_steps:
+        settings["confidence_threshold"] = -1.0  # never confident: every canvas runs all its steps
+    ctx.reset()
+    t = time.perf_counter()
+    gen = generate_ids(ctx, prompt, max_new_tokens=canvases * C, sampler=settings, eos_ids=[])
+    total = time.perf_counter() - t
+
+    forward = statistics.median(plain)
+    sc_cost = max(0.0, statistics.median(with_sc) - forward)
+    sample_cost = statistics.median(sampling)
+    step = forward + sc_cost + sample_cost
+    return {
+        "model": {"n_layer": hp["n_layer"], "n_embd": hp["n_embd"], "n_vocab": V, "canvas_length": C,
+                  "n_expert": hp["n_expert"], "file_size": model.file_size, "device": model.device,
+                  "n_threads": model.n_threads},
+        "prompt_tokens": prompt_tokens,
+        "prefill_tok_per_s": prompt_tokens / statistics.median(prefill),
+        "denoise_step": {
+            "forward": _ms(plain),
+            "forward_with_self_conditioning": _ms(with_sc),
+            "sampler": _ms(sampling),
+            "share": {"forward": forward / step, "self_conditioning": sc_cost / step, "sampler": sample_cost / step},
+        },
+        "generation": {
+            "canvases": len(gen.steps),
+            "steps_per_canvas": gen.steps,
+            "max_steps": steps or default_params(model)["max_steps"],
+            "fixed_steps": fixed_steps,
+            "generated_tokens": len(gen.tokens),
+            "seconds": total,
+            "generated_tok_per_s": len(gen.tokens) / total if total else 0.0,
+            "tokens_per_forward": gen.tokens_per_forward,
+        },
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }

@@ -1,0 +1,33 @@
+"""`pydgemma bench` reports consistent figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_json(converted: dict[str, Path]) -> None:
+    r = subprocess.run([sys.executable, "-m", "pydgemma", "bench", "-m", str(converted["f32"]), "--json", "--steps", "4",
+                        "--fixed-steps", "--canvases", "2", "--repeat", "2", "--prompt-tokens", "20"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    gen = data["generation"]
+    assert gen["steps_per_canvas"] == [4, 4] and gen["fixed_steps"]
+    assert gen["generated_tokens"] == 2 * 16
+    assert gen["tokens_per_forward"] == 32 / 8
+    step = data["denoise_step"]
+    assert step["forward"]["median_ms"] > 0 and step["sampler"]["median_ms"] > 0
+    assert abs(sum(step["share"].values()) - 1.0) < 1e-9
+    assert data["prefill_tok_per_s"] > 0 and data["peak_rss_bytes"] > 10 * 2**20
+    assert data["model"]["n_layer"] == 6 and data["prompt_tokens"] == 20
+
+
+def test_bench_table(converted: dict[str, Path]) -> None:
+    r = subprocess.run([sys.executable, "-m", "pydgemma", "bench", "-m", str(converted["f32"]), "--steps", "2",
+                        "--repeat", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for label in ("prefill", "denoise step: forward", "self-conditioning", "sampler", "tokens per forward", "peak RSS"):
+        assert label in r.stdout
