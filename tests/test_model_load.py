@@ -408,3 +408,14 @@ def test_unknown_device(tiny_model_path: Path) -> None:
 def test_bad_thread_count(tiny_model_path: Path) -> None:
     with pytest.raises(pydgemma.ModelError, match="n_threads must be at least 1"):
         pydgemma.Model(tiny_model_path, n_threads=0)
+
+
+FUZZ_CORPUS = Path(__file__).resolve().parent.parent / "native" / "fuzz" / "corpus"
+
+
+@pytest.mark.parametrize("path", sorted(FUZZ_CORPUS.glob("*.gguf")), ids=lambda p: p.name)
+def test_fuzzer_findings_are_refused(path: Path) -> None:
+    """Inputs on which ggml's own reader aborts or divides by zero are refused with a message."""
+    err = load_error(path)
+    assert err.status == "DG_ERR_FORMAT"
+    assert "empty key" in str(err) or "zero-sized dimension" in str(err)

@@ -218,10 +218,10 @@ bool is_float_type(int32_t type) {
     return type == GGML_TYPE_F32 || type == GGML_TYPE_F16 || type == GGML_TYPE_BF16;
 }
 
-// ggml's gguf reader asserts (aborts the process) when 'general.alignment' is not a scalar u32.
-// Walk the metadata ourselves first, bounds-checked, and refuse such a file with a message. Anything
-// else malformed is left for ggml's reader to report.
-std::string check_alignment_key(const uint8_t * data, uint64_t size) {
+// ggml's gguf reader asserts (aborts the process) on an empty key and when 'general.alignment' is
+// not a scalar u32. Walk the metadata ourselves first, bounds-checked, and refuse such a file with a
+// message. Anything else malformed is left for ggml's reader to report.
+std::string prescan_metadata(const uint8_t * data, uint64_t size) {
     uint64_t pos = 0;
     auto take = [&](uint64_t n) -> const uint8_t * {
         if (n > size - pos) {
@@ -260,6 +260,9 @@ std::string check_alignment_key(const uint8_t * data, uint64_t size) {
         if (key == nullptr || !read_u32(type)) {
             return "";
         }
+        if (key_len == 0) {
+            return format("metadata entry %llu has an empty key", static_cast<unsigned long long>(i));
+        }
         const bool is_alignment = key_len == 17 && std::memcmp(key, "general.alignment", 17) == 0;
         if (is_alignment && type != GGUF_TYPE_UINT32) {
             return format("key 'general.alignment' has type %s, expected u32",
@@ -283,6 +286,25 @@ std::string check_alignment_key(const uint8_t * data, uint64_t size) {
             const uint64_t es = scalar_size(type);
             if (es == 0 || take(es) == nullptr) return "";
         }
+    }
+    // Tensor infos: ggml divides by the dimensions while checking them, so a zero would crash it.
+    for (uint64_t i = 0; i < n_tensors; ++i) {
+        uint64_t name_len = 0;
+        uint32_t n_dims = 0;
+        if (!read_u64(name_len)) return "";
+        const uint8_t * name = take(name_len);
+        if (name == nullptr || !read_u32(n_dims) || n_dims > 4) return "";
+        for (uint32_t d = 0; d < n_dims; ++d) {
+            uint64_t ne = 0;
+            if (!read_u64(ne)) return "";
+            if (ne == 0) {
+                const std::string tensor(reinterpret_cast<const char *>(name), static_cast<size_t>(std::min<uint64_t>(name_len, 64)));
+                return format("tensor '%s' has a zero-sized dimension", tensor.c_str());
+            }
+        }
+        uint32_t type = 0;
+        uint64_t offset = 0;
+        if (!read_u32(type) || !read_u64(offset)) return "";
     }
     return "";
 }
@@ -381,7 +403,7 @@ void GgufModel::parse(const std::string & path) {
         fail(DG_ERR_FORMAT, format("not a GGUF file: '%s' does not start with the GGUF magic", path.c_str()));
     }
 
-    const std::string header_problem = check_alignment_key(file_.data(), file_.size());
+    const std::string header_problem = prescan_metadata(file_.data(), file_.size());
     if (!header_problem.empty()) {
         fail(DG_ERR_FORMAT, format("invalid GGUF file '%s': %s", path.c_str(), header_problem.c_str()));
     }
