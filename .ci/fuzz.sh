@@ -40,4 +40,17 @@ if [ -n "$found" ]; then
     echo "$found" >&2
     exit 1
 fi
+echo "python readers: replaying saved inputs, then $((seconds / 2)) s of atheris"
+python -m pip install -q atheris
+python "$repo/tests/fuzz/fuzz_safetensors.py" -runs=0 "$repo/tests/fuzz/safetensors_findings" 2>&1 | tail -1
+st_work="$build/st_corpus"
+mkdir -p "$st_work"
+(cd "$build" && python "$repo/tests/fuzz/fuzz_safetensors.py" -max_total_time=$((seconds / 2)) -rss_limit_mb=1024 \
+    "$st_work" "$repo/tests/fuzz/safetensors_seeds" "$repo/tests/fuzz/safetensors_findings" 2>&1 | grep -E "^Done|Error" || true)
+found=$(find "$build" -maxdepth 1 -name 'crash-*' -print)
+if [ -n "$found" ]; then
+    echo "the safetensors fuzzer found failing inputs (add each to tests/fuzz/safetensors_findings/):" >&2
+    echo "$found" >&2
+    exit 1
+fi
 echo "fuzz: ok"

@@ -81,6 +81,31 @@ class Context:
         """Keeps only the first `n_past` cached tokens."""
         self._check(native().lib.dg_context_truncate(self._handle, n_past))
 
+    def imatrix_start(self) -> None:
+        """Starts (or resumes) collecting the importance matrix over every later pass."""
+        self._check(native().lib.dg_context_imatrix_start(self._handle))
+
+    def imatrix_stop(self) -> None:
+        native().lib.dg_context_imatrix_stop(self._handle)
+
+    def imatrix_clear(self) -> None:
+        native().lib.dg_context_imatrix_clear(self._handle)
+
+    def imatrix(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """What was collected: weight name -> (in_sum2 float64 [n_mat, ne0], counts int64 [n_mat]),
+        in the order the weights were first used (copies)."""
+        nat = native()
+        ffi, lib = nat.ffi, nat.lib
+        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        entry = ffi.new("dg_imatrix_entry *")
+        for i in range(int(lib.dg_context_imatrix_n_entries(self._handle))):
+            self._check(lib.dg_context_imatrix_entry(self._handle, i, entry))
+            n_mat, ne0 = int(entry.n_mat), int(entry.ne0)
+            sums = np.frombuffer(ffi.buffer(entry.in_sum2, 8 * n_mat * ne0), np.float64).reshape(n_mat, ne0).copy()
+            counts = np.frombuffer(ffi.buffer(entry.counts, 8 * n_mat), np.int64).copy()
+            out[nat.string(entry.name)] = (sums, counts)
+        return out
+
     @property
     def n_past(self) -> int:
         """Tokens in the cache (prompt and committed canvases)."""

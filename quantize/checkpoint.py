@@ -90,6 +90,8 @@ def _entries_of(path: Path) -> list[TensorEntry]:
             dtype = info["dtype"]
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
+            if not isinstance(dtype, str) or isinstance(info["shape"], (str, bytes)):
+                raise TypeError(dtype)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"'{path}': malformed entry for tensor '{name}'") from exc
         if dtype not in _DTYPES:

@@ -10,7 +10,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
 
 from .checkpoint import CheckpointError
@@ -38,6 +39,10 @@ def _root() -> None:
       pydgemma-quantize quantize dg-bf16.gguf -o dg-Q4_K_M.gguf --type Q4_K_M
 
       pydgemma-quantize quantize dg-bf16.gguf --type Q4_K_M --dry-run
+
+      pydgemma-quantize imatrix -m dg-bf16.gguf -f calibration.txt -o imatrix.gguf
+
+      pydgemma-quantize quantize dg-bf16.gguf -o dg-IQ4_XS.gguf -t Q4_K_M --imatrix imatrix.gguf --tensor-type 'exps=IQ4_XS'
     """
 
 
@@ -104,6 +109,9 @@ def quantize_cmd(
                                           "(repeatable; the last match wins), e.g. 'ffn_down_exps=Q8_0'."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor, type, bytes) and write nothing."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Quantization threads (default: all cores)."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="An importance matrix (from 'pydgemma-quantize imatrix' "
+                                           "or llama-imatrix, GGUF format): per-tensor weights for the quantizers. "
+                                           "Needed by the IQ1/IQ2 types.", show_default=False),
     force: bool = typer.Option(False, "--force", "-f", help="Replace OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
@@ -133,7 +141,7 @@ def quantize_cmd(
             bar.update(tasks[phase], completed=done)
 
         result = quantize(source, output, mix=mix, overrides=overrides, n_threads=threads, overwrite=force,
-                          dry_run=dry_run, progress=report)
+                          dry_run=dry_run, progress=report, imatrix=imatrix)
     out = Console()
     if dry_run:  # plain aligned lines: never truncated, easy to grep
         width = max(len(c.name) for c in result.plan)
@@ -152,6 +160,60 @@ def quantize_cmd(
     out.print(summary)
     where = f"wrote {result.path}" if result.path else "dry run: nothing written"
     out.print(f"{where}: {len(result.plan)} tensors, {_human(result.n_bytes)}, {time.monotonic() - started:.1f} s")
+
+
+@app.command("imatrix")
+def imatrix_cmd(
+    model: Path = typer.Option(..., "--model", "-m", help="The model (.gguf) to calibrate; the unquantized one is best.",
+                               show_default=False),
+    calibration: Path = typer.Option(..., "--file", "-f", help="Calibration text (UTF-8).", show_default=False),
+    output: Path = typer.Option(..., "--output", "-o", help="The imatrix .gguf to write.", show_default=False),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Chunks to process (default: all of the text)."),
+    chunk_size: int = typer.Option(512, "--chunk-size", help="Prompt tokens per chunk."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Tokens generated after each chunk (whole canvases "
+                                                                      "are denoised)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps per canvas (default: the model's)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed of the first chunk (chunk i uses seed + i)."),
+    process_output: bool = typer.Option(False, "--process-output", help="Also collect the output head (stored under "
+                                        "token_embd.weight when the head is tied), as llama-imatrix's flag."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or a device name."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+) -> None:
+    """Compute an importance matrix from diffusion activations, in llama.cpp's imatrix GGUF format.
+
+    The text is cut into chunks of --chunk-size tokens (the first of each replaced by BOS, as
+    llama-imatrix does; a trailing partial chunk is dropped). Each chunk is the prompt of one real
+    generation: the prompt's encoder pass, every denoising step of every canvas and the commits
+    between canvases all add to the sums of squared inputs of every weight matrix (each MoE expert
+    over the tokens routed to it). The file works with 'pydgemma-quantize quantize --imatrix' and
+    with llama-quantize.
+    """
+    from .imatrix import collect, write_imatrix
+
+    if output.exists() and not force:
+        raise ConversionError(f"'{output}' already exists; use --force to replace it")
+    try:
+        text = calibration.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"cannot read the calibration text '{calibration}': {exc}") from exc
+    console = Console(stderr=True)
+    started = time.monotonic()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, disable=quiet or not console.is_terminal) as bar:
+        task = bar.add_task("chunks", total=None)
+
+        def report(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        im = collect(model, text, chunks=chunks, chunk_size=chunk_size, max_new_tokens=max_new_tokens, seed=seed,
+                     max_steps=steps, process_output=process_output, dataset=str(calibration), device=device,
+                     n_threads=threads, progress=report)
+    write_imatrix(output, im, overwrite=force)
+    if not quiet:
+        typer.echo(f"wrote {output}: {len(im.entries)} entries, {im.chunk_count} chunks of {im.chunk_size} tokens, "
+                        f"{time.monotonic() - started:.1f} s")
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -129,7 +129,7 @@ def plan_tensors(ckpt: Checkpoint, a: ArchParams, requested: Q) -> tuple[list[Pl
     return plan, tied_pairs
 
 
-def _encode(rows: np.ndarray, qtype: Q) -> memoryview:
+def _encode(rows: np.ndarray, qtype: Q, name: str = "", first_row: int = 0) -> memoryview:
     """The GGUF bytes of a block of float32 rows (a view, not a copy, where possible)."""
     if qtype == Q.F32:
         out = np.ascontiguousarray(rows, dtype="<f4")
@@ -264,8 +264,10 @@ def _write_file(tmp: Path, plan: list[PlannedTensor], a: ArchParams, ckpt: Check
 
 
 def write_gguf(tmp: Path, plan: list[PlannedTensor], write_metadata: Callable[[gguf.GGUFWriter], None],
-               encode: Callable[[np.ndarray, Q], memoryview], progress: ProgressFn | None, chunk_bytes: int) -> None:
-    """Metadata and tensor infos first, then each tensor's data streamed in row chunks."""
+               encode: Callable[[np.ndarray, Q, str, int], memoryview], progress: ProgressFn | None,
+               chunk_bytes: int) -> None:
+    """Metadata and tensor infos first, then each tensor's data streamed in row chunks.
+    `encode(rows, type, tensor name, index of the first row in the tensor)` gives their bytes."""
     w = gguf.GGUFWriter(tmp, ARCH)
     write_metadata(w)
     for t in plan:
@@ -281,8 +283,10 @@ def write_gguf(tmp: Path, plan: list[PlannedTensor], write_metadata: Callable[[g
         w.write_padding(f, f.tell())
         for t in plan:
             written = 0
+            first_row = 0
             for rows in t.rows(chunk_bytes):
-                blob = encode(rows, t.qtype)
+                blob = encode(rows, t.qtype, t.gguf_name, first_row)
+                first_row += rows.shape[0]
                 f.write(blob)
                 written += blob.nbytes
                 if progress:

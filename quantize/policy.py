@@ -87,7 +87,7 @@ def choose(mix: str, tensors: Sequence[tuple[str, tuple[int, ...]]], overrides: 
                         use_more_bits(int(layer.group(1)), n_layer):
                     qtype = more
         for pattern, forced in overrides:
-            if re.search(pattern, name):
+            if qtype != Q.F32 and re.search(pattern, name):  # norms, scales and the router stay F32
                 qtype, note = forced, f"--tensor-type {pattern}"
         if qtype != Q.F32:
             wanted = qtype

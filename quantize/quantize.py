@@ -15,6 +15,7 @@ from .checkpoint import Checkpoint, CheckpointError, resolve_checkpoint_dir, ten
 from .convert import (ARCH, ConversionError, PlannedTensor, ProgressFn, _validate, _write_metadata, atomic_output,
                       plan_tensors, write_gguf)
 from .hf_config import read_arch
+from .imatrix import Imatrix, importance, read_imatrix
 from .policy import MIXES, Choice, Q, choose
 
 SOURCE_TYPES = (Q.F32, Q.F16, Q.BF16)
@@ -41,14 +42,17 @@ def choice_bytes(c: Choice) -> int:
     return int(np.prod(c.shape)) // block * size
 
 
-def native_encoder(n_threads: int | None):
-    """Encodes float32 rows to a ggml type with the native core (ggml_quantize_chunk)."""
+def native_encoder(n_threads: int | None, weights: dict[str, tuple[np.ndarray, int]] | None = None):
+    """Encodes float32 rows to a ggml type with the native core (ggml_quantize_chunk). `weights`:
+    tensor name -> (importance [n_mat, row length], rows per matrix): rows of matrix m (an expert of
+    a 3-D tensor) are quantized with importance[m]."""
     from pydgemma._native import native
 
     nat = native()
     threads = n_threads or os.cpu_count() or 1
+    weights = weights or {}
 
-    def encode(rows: np.ndarray, qtype: Q) -> memoryview:
+    def encode(rows: np.ndarray, qtype: Q, name: str = "", first_row: int = 0) -> memoryview:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         n_rows, n_per_row = rows.shape
         row_size = nat.lib.dg_type_row_size(int(qtype), n_per_row)
@@ -56,13 +60,40 @@ def native_encoder(n_threads: int | None):
             raise ConversionError(f"cannot quantize rows of {n_per_row} values to {qtype.name}")
         out = np.empty(n_rows * row_size, dtype=np.uint8)
         written = nat.ffi.new("size_t *")
-        status = nat.lib.dg_quantize(int(qtype), nat.ffi.from_buffer("float[]", rows), nat.ffi.from_buffer(out), n_rows,
-                                     n_per_row, nat.ffi.NULL, threads, written)
-        if status != 0:
-            raise ConversionError(nat.last_error())
+        imp, per_mat = weights.get(name, (None, max(1, first_row + n_rows)))
+        start = 0
+        while start < n_rows:  # one call per matrix the block touches
+            mat = (first_row + start) // per_mat
+            end = min(n_rows, (mat + 1) * per_mat - first_row)
+            im = nat.ffi.NULL if imp is None else nat.ffi.from_buffer("float[]", imp[mat])
+            status = nat.lib.dg_quantize(int(qtype), nat.ffi.from_buffer("float[]", rows[start:end]),
+                                         nat.ffi.from_buffer(out[start * row_size:end * row_size]), end - start,
+                                         n_per_row, im, threads, written)
+            if status != 0:
+                raise ConversionError(f"{name}: {nat.last_error()}" if name else nat.last_error())
+            start = end
         return memoryview(out)
 
     return encode
+
+
+def imatrix_weights(imatrix: Imatrix, plan: list[PlannedTensor]) -> dict[str, tuple[np.ndarray, int]]:
+    """The importance of each planned tensor that has imatrix data, checked against its shape (as
+    llama-quantize does: a size mismatch is an error, except for token_embd, quantized without)."""
+    values = importance(imatrix)
+    out: dict[str, tuple[np.ndarray, int]] = {}
+    for t in plan:
+        v = values.get(t.gguf_name)
+        if v is None or t.qtype in (Q.F32, Q.F16, Q.BF16) or len(t.shape) < 2:
+            continue
+        n_mat = int(np.prod(t.shape[:-2])) if len(t.shape) > 2 else 1
+        if v.size != n_mat * t.shape[-1]:
+            if t.gguf_name == "token_embd.weight":
+                continue
+            raise ConversionError(f"the imatrix entry of '{t.gguf_name}' has {v.shape[0]} x {v.shape[-1]} values; the tensor "
+                                  f"needs {n_mat} x {t.shape[-1]} (an imatrix of another model?)")
+        out[t.gguf_name] = (np.ascontiguousarray(v.reshape(n_mat, t.shape[-1]), dtype=np.float32), t.shape[-2])
+    return out
 
 
 def _plan_from_gguf(path: Path) -> tuple[gguf.GGUFReader, list[PlannedTensor]]:
@@ -85,7 +116,7 @@ def _plan_from_gguf(path: Path) -> tuple[gguf.GGUFReader, list[PlannedTensor]]:
 
 def _copy_metadata(reader: gguf.GGUFReader, w: gguf.GGUFWriter, file_type: int) -> None:
     for name, field in reader.fields.items():
-        if name in SKIPPED_KEYS or name.startswith("GGUF."):
+        if name in SKIPPED_KEYS or name.startswith(("GGUF.", "quantize.imatrix.")):
             continue
         vtype = gguf.GGUFValueType(field.types[0])
         sub = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
@@ -104,8 +135,13 @@ def quantize(
     dry_run: bool = False,
     progress: ProgressFn | None = None,
     chunk_bytes: int = 64 * 1024 * 1024,
+    imatrix: str | os.PathLike[str] | Imatrix | None = None,
 ) -> QuantizeResult:
-    """Quantizes an HF checkpoint folder or an F32/F16/BF16 GGUF to `mix`. With `dry_run`, only plans."""
+    """Quantizes an HF checkpoint folder or an F32/F16/BF16 GGUF to `mix`. With `dry_run`, only plans.
+
+    `imatrix` (an imatrix GGUF, ours or llama-imatrix's, or an `Imatrix`) gives ggml's quantizers
+    per-tensor importance weights (in_sum2 / counts; each expert its own); tensors without data are
+    quantized without, and the file records it in the quantize.imatrix.* keys as llama-quantize does."""
     mix = mix.upper()
     if mix not in MIXES:
         raise ConversionError(f"unknown type '{mix}' (choose from {', '.join(MIXES)})")
@@ -140,11 +176,28 @@ def quantize(
     choices = choose(mix, [(t.gguf_name, tuple(reversed(t.shape))) for t in plan], overrides)
     for t, c in zip(plan, choices):
         t.qtype = c.qtype
+    weights: dict[str, tuple[np.ndarray, int]] = {}
+    if imatrix is not None:
+        im = imatrix if isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
+        weights = imatrix_weights(im, plan)
+        plain_metadata = write_metadata
+
+        def metadata_with_imatrix(w: gguf.GGUFWriter) -> None:  # plus llama-quantize's quantize.imatrix.* keys
+            plain_metadata(w)
+            if not isinstance(imatrix, Imatrix):
+                w.add_string("quantize.imatrix.file", str(imatrix))
+            if im.datasets:
+                w.add_string("quantize.imatrix.dataset", im.datasets[0])
+            w.add_int32("quantize.imatrix.entries_count", len(im.entries))
+            if im.chunk_count > 0:
+                w.add_int32("quantize.imatrix.chunks_count", im.chunk_count)
+
+        write_metadata = metadata_with_imatrix
     total = sum(choice_bytes(c) for c in choices)
     if dry_run:
         return QuantizeResult(None, choices, total)
     assert out_path is not None
     with atomic_output(out_path) as tmp:
-        write_gguf(tmp, plan, write_metadata, native_encoder(n_threads), progress, chunk_bytes)
+        write_gguf(tmp, plan, write_metadata, native_encoder(n_threads, weights), progress, chunk_bytes)
         _validate(tmp, plan)
     return QuantizeResult(out_path, choices, total)

@@ -210,3 +210,15 @@ def test_output_mode_follows_the_umask(hf_tiny: Path, tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+FINDINGS = Path(__file__).resolve().parent / "fuzz" / "safetensors_findings"
+
+
+@pytest.mark.parametrize("finding", sorted(FINDINGS.glob("*.safetensors")), ids=lambda p: p.name)
+def test_safetensors_fuzzer_findings_are_refused(finding: Path, tmp_path: Path) -> None:
+    from pydgemma.quantize.checkpoint import Checkpoint, CheckpointError
+
+    (tmp_path / "model.safetensors").write_bytes(finding.read_bytes())
+    with pytest.raises(CheckpointError, match="malformed entry"):
+        Checkpoint(tmp_path)

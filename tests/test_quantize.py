@@ -69,6 +69,8 @@ def test_overrides_and_dry_run_cli(tmp_path: Path, converted: dict[str, Path]) -
     assert re.search(r"^blk\.0\.ffn_down_exps\.weight\s+\S+\s+F16\s", r.stdout, re.M)
     assert re.search(r"^token_embd\.weight\s+\S+\s+Q5_0\s", r.stdout, re.M)
     assert "dry run: nothing written" in r.stdout and not list(tmp_path.iterdir())
+    everything = quantize(converted["f32"], None, mix="Q8_0", overrides=[(r"\.weight$", Q.F16)], dry_run=True).plan
+    assert {c.qtype for c in everything if len(c.shape) == 1} == {Q.F32}  # overrides never touch norms/scales
     bad = subprocess.run([sys.executable, "-m", "pydgemma.quantize", "quantize", str(converted["f32"]), "-t", "Q8_0",
                           "--dry-run", "--tensor-type", "attn=Q9_9"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr == "error: --tensor-type 'attn=Q9_9': unknown type 'Q9_9'\n"

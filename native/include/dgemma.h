@@ -206,6 +206,34 @@ DG_API dg_status dg_context_truncate(dg_context * ctx, uint32_t n_past);
 DG_API uint32_t  dg_context_n_past(const dg_context * ctx);
 DG_API uint32_t  dg_context_n_ctx(const dg_context * ctx);
 
+/* Importance matrix ("imatrix"): while collecting, every later dg_prefill/dg_denoise/dg_commit (and
+ * so dg_generate) adds, for each weight matrix W used as a matrix product W x, the per-input-channel
+ * sums of x[j]^2 over the rows of x, and the number of rows. For the expert tensors (a product per
+ * routed expert) each expert gets its own sums and count over the (token, slot) pairs routed to it,
+ * so their counts sum to tokens x n_expert_used. Entries are named after the weight (the tied output
+ * head is "token_embd.weight": its rows are the final-norm activations of every canvas position).
+ * The sums are what llama.cpp's imatrix files store as "<weight>.in_sum2" / "<weight>.counts".
+ * Collecting makes the scheduler compute node by node (slower). */
+typedef struct dg_imatrix_entry {
+    const char *    name;    /* the weight, e.g. "blk.0.attn_q.weight"                     */
+    uint32_t        n_mat;   /* 1, or n_expert for the expert tensors                        */
+    int64_t         ne0;     /* values per matrix: the weight's row length (input channels)  */
+    const double *  in_sum2; /* [n_mat][ne0] sums of squared inputs                          */
+    const int64_t * counts;  /* [n_mat] rows (experts: routed (token, slot) pairs) summed     */
+} dg_imatrix_entry;
+
+/* Starts (or resumes) collecting; what was collected before is kept. */
+DG_API dg_status dg_context_imatrix_start(dg_context * ctx);
+/* Stops collecting; the data stays readable. */
+DG_API void      dg_context_imatrix_stop(dg_context * ctx);
+/* Drops the collected data. */
+DG_API void      dg_context_imatrix_clear(dg_context * ctx);
+/* Entries in the order their weights were first used. The pointers in *out are owned by the
+ * context and stay valid until dg_context_imatrix_clear or dg_context_free; the values they point
+ * to grow with each later pass while collecting. */
+DG_API size_t    dg_context_imatrix_n_entries(const dg_context * ctx);
+DG_API dg_status dg_context_imatrix_entry(const dg_context * ctx, size_t index, dg_imatrix_entry * out);
+
 /* ---------------------------------------------------------------------------------------------
  * Sampler: the entropy-bound sampler of one canvas at a time (spec section 4). Deterministic for a
  * given seed, whatever the thread count.

@@ -7,6 +7,7 @@
 #include "error.h"
 #include "generate.h"
 #include "gguf_model.h"
+#include "imatrix.h"
 #include "quantize.h"
 #include "sampler.h"
 #include "tokenizer.h"
@@ -310,6 +311,48 @@ dg_status dg_context_truncate(dg_context * ctx, uint32_t n_past) {
 uint32_t dg_context_n_past(const dg_context * ctx) { return ctx != nullptr ? ctx->impl->n_past() : 0; }
 
 uint32_t dg_context_n_ctx(const dg_context * ctx) { return ctx != nullptr ? ctx->impl->n_ctx() : 0; }
+
+dg_status dg_context_imatrix_start(dg_context * ctx) {
+    if (ctx == nullptr) {
+        return invalid("dg_context_imatrix_start: ctx is NULL");
+    }
+    return guarded([&] { ctx->impl->imatrix_start(); });
+}
+
+void dg_context_imatrix_stop(dg_context * ctx) {
+    if (ctx != nullptr) {
+        ctx->impl->imatrix_stop();
+    }
+}
+
+void dg_context_imatrix_clear(dg_context * ctx) {
+    if (ctx != nullptr) {
+        ctx->impl->imatrix_clear();
+    }
+}
+
+size_t dg_context_imatrix_n_entries(const dg_context * ctx) {
+    return ctx != nullptr && ctx->impl->imatrix() != nullptr ? ctx->impl->imatrix()->size() : 0;
+}
+
+dg_status dg_context_imatrix_entry(const dg_context * ctx, size_t index, dg_imatrix_entry * out) {
+    if (ctx == nullptr || out == nullptr) {
+        return invalid("dg_context_imatrix_entry: NULL argument");
+    }
+    const dg::ImatrixCollector * im = ctx->impl->imatrix();
+    if (im == nullptr || index >= im->size()) {
+        dg::set_last_error(dg::format("dg_context_imatrix_entry: index %zu out of range (%zu entries)", index,
+                                      im != nullptr ? im->size() : size_t{0}));
+        return DG_ERR_INVALID_ARG;
+    }
+    const dg::ImatrixEntry & e = im->entry(index);
+    out->name    = e.name.c_str();
+    out->n_mat   = e.n_mat;
+    out->ne0     = e.ne0;
+    out->in_sum2 = e.in_sum2.data();
+    out->counts  = e.counts.data();
+    return DG_OK;
+}
 
 dg_sampler_params dg_sampler_default_params(const dg_model * model) {
     return dg::sampler_params_from(model != nullptr ? model->impl.get() : nullptr);

@@ -3,6 +3,7 @@
 #include "error.h"
 #include "graph.h"
 #include "gguf_model.h"
+#include "imatrix.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -241,8 +242,29 @@ void Context::run(const ForwardShape & shape, const int32_t * tokens, const floa
         drop_graph();
         fail(DG_ERR_BACKEND, "the backend failed to compute the graph");
     }
+    if (imatrix_ != nullptr && !imatrix_->error().empty()) {  // the callback stopped the compute
+        const std::string msg = imatrix_->error();
+        imatrix_->clear_error();
+        fail(DG_ERR_BACKEND, msg);
+    }
     if (out != nullptr && io.logits != nullptr) {
         ggml_backend_tensor_get(io.logits, out, 0, sizeof(float) * static_cast<size_t>(hp.n_vocab) * n);
+    }
+}
+
+void Context::imatrix_start() {
+    if (imatrix_ == nullptr) {
+        imatrix_ = std::make_unique<ImatrixCollector>(model_);
+    }
+    // With a callback the scheduler computes node by node, reading back each selected product.
+    ggml_backend_sched_set_eval_callback(sched_, &ImatrixCollector::callback, imatrix_.get());
+}
+
+void Context::imatrix_stop() { ggml_backend_sched_set_eval_callback(sched_, nullptr, nullptr); }
+
+void Context::imatrix_clear() {
+    if (imatrix_ != nullptr) {
+        imatrix_->clear();
     }
 }
 

@@ -6,6 +6,7 @@
 #include "kv_cache.h"
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 struct ggml_backend;
@@ -18,11 +19,12 @@ struct ggml_cgraph;
 namespace dg {
 
 class GgufModel;
+class ImatrixCollector;
 
 class Context {
 public:
     Context(const GgufModel & model, const dg_context_params & params);
-    ~Context();
+    ~Context();  // out of line: ImatrixCollector is incomplete here
     Context(const Context &) = delete;
     Context & operator=(const Context &) = delete;
 
@@ -40,6 +42,13 @@ public:
     const GgufModel & model() const { return model_; }
     uint32_t n_ctx() const { return cache_.n_ctx(); }
     int32_t  n_threads() const { return n_threads_; }
+
+    // Importance-matrix collection over every later prefill/denoise/commit (see imatrix.h).
+    // start() keeps what was collected before; clear() drops it.
+    void                     imatrix_start();
+    void                     imatrix_stop();
+    void                     imatrix_clear();
+    const ImatrixCollector * imatrix() const { return imatrix_.get(); }
 
 private:
     void check_tokens(const int32_t * tokens, uint32_t n, const char * what) const;
@@ -64,6 +73,7 @@ private:
     ggml_context *              embd_t_ctx_ = nullptr;
     ggml_backend_buffer *       embd_t_buffer_ = nullptr;
     ggml_tensor *               embd_t_ = nullptr;       // [n_vocab, n_embd], for self-conditioning
+    std::unique_ptr<ImatrixCollector> imatrix_;          // null until imatrix_start()
 };
 
 }  // namespace dg
