@@ -186,11 +186,34 @@ def _write_metadata(w: gguf.GGUFWriter, a: ArchParams, ckpt: Checkpoint, file_ty
     read_vocab(ckpt, a.vocab_size).write(w)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Removes temporary files a killed writer of `target` left behind (their pid no longer runs)."""
+    removed = []
+    for p in target.parent.glob(f".{target.name}.*.tmp"):
+        parts = p.name[len(target.name) + 2:].split(".")
+        if parts and parts[0].isdigit() and not _pid_alive(int(parts[0])):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_output(target: Path) -> Iterator[Path]:
-    """A temporary path beside `target`; renamed onto it when the block succeeds, removed otherwise."""
+    """A temporary path beside `target`; renamed onto it when the block succeeds, removed otherwise.
+    Its name carries our pid, so a later run can tell a dead writer's leftovers from a live one."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temps(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -99,8 +99,8 @@ def imatrix_weights(imatrix: Imatrix, plan: list[PlannedTensor]) -> dict[str, tu
 def _plan_from_gguf(path: Path) -> tuple[gguf.GGUFReader, list[PlannedTensor]]:
     try:
         reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"cannot read '{path}' as GGUF: {exc}") from exc
+    except Exception as exc:  # gguf-py raises whatever a malformed file makes it hit
+        raise ConversionError(f"cannot read '{path}' as GGUF: {type(exc).__name__}: {exc}") from exc
     arch = reader.fields.get("general.architecture")
     if arch is None or arch.contents() != ARCH:
         raise ConversionError(f"'{path}' is not a {ARCH} GGUF")

@@ -150,3 +150,23 @@ def test_interrupted_conversion_keeps_the_previous_file(wide_checkpoint: Path, t
     assert proc.returncode == 130
     assert out.read_bytes() == b"the previous model"
     assert [p.name for p in tmp_path.iterdir()] == ["o.gguf"]
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.8, 1.5])
+def test_sigkill_leaves_the_previous_file_and_the_next_run_cleans_up(wide_checkpoint: Path, tmp_path: Path,
+                                                                     delay: float) -> None:
+    """SIGKILL gives no chance to clean up: the target must still be absent or the previous complete
+    file, and the next run removes the dead writer's temporary file."""
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"the previous model")
+    proc = start_cli(wide_checkpoint, out, "--force")
+    time.sleep(delay)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert out.read_bytes() == b"the previous model" or proc.returncode == 0
+    leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    done = subprocess.run([sys.executable, "-m", "pydgemma.quantize", "convert", str(wide_checkpoint), "-o", str(out),
+                           "--type", "bf16", "--force", "-q"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["o.gguf"], leftovers
+    assert out.read_bytes()[:4] == b"GGUF"

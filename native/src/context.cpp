@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <thread>
 
 namespace dg {
@@ -51,6 +52,48 @@ struct GraphScope {
     ~GraphScope() { ggml_free(ctx); }
 };
 
+struct MemoryPlan {
+    uint64_t weights = 0;    // copied to the device (0 when the device reads the mapping)
+    uint64_t kv = 0;
+    uint64_t compute = 0;    // the largest pass's activations (an estimate)
+    uint64_t self_cond = 0;  // the transposed embedding
+    uint64_t logits = 0;     // one canvas of logits on the host (generation)
+    uint64_t total() const { return weights + kv + compute + self_cond + logits; }
+};
+
+MemoryPlan plan_memory(const GgufModel & model, uint32_t n_ctx, uint32_t n_batch) {
+    const dg_hparams & hp = model.hparams();
+    MemoryPlan m;
+    uint32_t max_hd = 0;
+    for (const LayerLayout & l : model.layers()) {
+        m.kv += 2ull * 4 * l.head_dim * l.n_head_kv * n_ctx;
+        max_hd = std::max(max_hd, l.head_dim);
+    }
+    ggml_backend_dev_props props{};
+    ggml_backend_dev_get_props(model.device(), &props);
+    if (!props.caps.buffer_from_host_ptr) {
+        for (const TensorRecord & t : model.tensors()) {
+            m.weights += t.n_bytes;
+        }
+    }
+    const uint64_t C     = hp.canvas_length;
+    const uint64_t wide  = std::max<uint64_t>({hp.n_ff, 2ull * hp.n_ff_exp * hp.n_expert_used, uint64_t(hp.n_head) * max_hd});
+    auto pass = [&](uint64_t n, bool decode) {
+        const uint64_t scores = uint64_t(hp.n_head) * n * (n_ctx + (decode ? n : 0));  // attention weights
+        const uint64_t acts   = n * (8ull * hp.n_embd + 4 * wide);
+        const uint64_t vocab  = decode ? n * 4ull * hp.n_vocab : 0;                      // logits, softcap, SC probs
+        return 4 * (scores + acts + vocab);
+    };
+    m.compute = std::max(pass(C, true), pass(std::min<uint64_t>(n_batch, n_ctx), false));
+    if (hp.has_self_conditioning) {
+        m.self_cond = uint64_t(hp.n_vocab) * hp.n_embd * (model.weight("token_embd.weight")->type == GGML_TYPE_F32 ? 4 : 2);
+    }
+    m.logits = 4 * C * hp.n_vocab;
+    return m;
+}
+
+std::string gib(uint64_t bytes) { return format("%.1f GiB", static_cast<double>(bytes) / (1ull << 30)); }
+
 }  // namespace
 
 Context::Context(const GgufModel & model, const dg_context_params & params) : model_(model) {
@@ -64,7 +107,30 @@ Context::Context(const GgufModel & model, const dg_context_params & params) : mo
     n_batch_   = params.n_batch > 0 ? params.n_batch : 512;
     n_threads_ = params.n_threads > 0 ? params.n_threads : model.n_threads();
 
+    // Refuse up front, with the numbers, rather than failing in the middle of a generation.
+    const MemoryPlan need = plan_memory(model, params.n_ctx, n_batch_);
+    size_t free = 0, total = 0;
+    ggml_backend_dev_memory(model.device(), &free, &total);
+    if (free > 0 && need.total() > free) {
+        fail(DG_ERR_OUT_OF_MEMORY,
+             format("n_ctx = %u needs %s on %s (weights %s, KV cache %s, compute ~%s, self-conditioning %s, logits %s), "
+                    "%s free: use a smaller n_ctx",
+                    params.n_ctx, gib(need.total()).c_str(), model.device_name().c_str(), gib(need.weights).c_str(),
+                    gib(need.kv).c_str(), gib(need.compute).c_str(), gib(need.self_cond).c_str(), gib(need.logits).c_str(),
+                    gib(free).c_str()));
+    }
+
     model.bind_weights();
+    try {
+        init_backends(model, params);
+    } catch (...) {
+        release();  // a constructor that throws runs no destructor
+        throw;
+    }
+}
+
+void Context::init_backends(const GgufModel & model, const dg_context_params & params) {
+    const dg_hparams & hp = model.hparams();
     backend_ = ggml_backend_dev_init(model.device(), nullptr);
     if (backend_ == nullptr) {
         fail(DG_ERR_BACKEND, format("cannot start the %s backend", model.device_name().c_str()));
@@ -94,22 +160,30 @@ Context::Context(const GgufModel & model, const dg_context_params & params) : mo
     }
 }
 
-Context::~Context() {
+Context::~Context() { release(); }
+
+void Context::release() {
     drop_graph();
     if (sched_ != nullptr) {
         ggml_backend_sched_free(sched_);
+        sched_ = nullptr;
     }
     if (embd_t_buffer_ != nullptr) {
         ggml_backend_buffer_free(embd_t_buffer_);
+        embd_t_buffer_ = nullptr;
     }
     if (embd_t_ctx_ != nullptr) {
         ggml_free(embd_t_ctx_);
+        embd_t_ctx_ = nullptr;
+        embd_t_     = nullptr;
     }
     if (backend_cpu_ != nullptr && backend_cpu_ != backend_) {
         ggml_backend_free(backend_cpu_);
     }
+    backend_cpu_ = nullptr;
     if (backend_ != nullptr) {
         ggml_backend_free(backend_);
+        backend_ = nullptr;
     }
 }
 

@@ -55,6 +55,8 @@ private:
     void run(const ForwardShape & shape, const int32_t * tokens, const float * sc_logits, float * out);
     void ensure_transposed_embedding();
     void drop_graph();
+    void init_backends(const GgufModel & model, const dg_context_params & params);
+    void release();
 
     const GgufModel &           model_;
     ggml_backend *              backend_ = nullptr;      // the model's device
