@@ -47,9 +47,13 @@ st_work="$build/st_corpus"
 mkdir -p "$st_work"
 (cd "$build" && python "$repo/tests/fuzz/fuzz_safetensors.py" -max_total_time=$((seconds / 2)) -rss_limit_mb=1024 \
     "$st_work" "$repo/tests/fuzz/safetensors_seeds" "$repo/tests/fuzz/safetensors_findings" 2>&1 | grep -E "^Done|Error" || true)
-found=$(find "$build" -maxdepth 1 -name 'crash-*' -print)
+gg_work="$build/gguf_corpus"
+mkdir -p "$gg_work"
+(cd "$build" && python "$repo/tests/fuzz/fuzz_gguf_reader.py" -max_total_time=$((seconds / 2)) -rss_limit_mb=2048 \
+    "$gg_work" "$seeds" "$repo/tests/fuzz/gguf_findings" 2>&1 | grep -E "^Done|Error" || true)
+found=$(find "$build" -maxdepth 1 \( -name 'crash-*' -o -name 'oom-*' -o -name 'timeout-*' \) -print)
 if [ -n "$found" ]; then
-    echo "the safetensors fuzzer found failing inputs (add each to tests/fuzz/safetensors_findings/):" >&2
+    echo "the Python fuzzers found failing inputs (add each to tests/fuzz/*_findings/ with its fix):" >&2
     echo "$found" >&2
     exit 1
 fi

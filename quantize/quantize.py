@@ -97,6 +97,14 @@ def imatrix_weights(imatrix: Imatrix, plan: list[PlannedTensor]) -> dict[str, tu
 
 
 def _plan_from_gguf(path: Path) -> tuple[gguf.GGUFReader, list[PlannedTensor]]:
+    # The native loader validates first: it is fuzzed, reads with bounded memory and names the
+    # problem; gguf-py's reader may try to allocate whatever a corrupt header claims.
+    from pydgemma import Model, ModelError
+
+    try:
+        Model(path, device="cpu").close()
+    except ModelError as exc:
+        raise ConversionError(str(exc)) from exc
     try:
         reader = gguf.GGUFReader(path)
     except Exception as exc:  # gguf-py raises whatever a malformed file makes it hit

@@ -157,3 +157,14 @@ def test_refusals_leave_nothing(converted: dict[str, Path], wide, tmp_path: Path
     with pytest.raises(ConversionError, match="needs an importance matrix"):
         quantize(wide[0], tmp_path / "iq.gguf", mix="Q8_0", overrides=[("ffn_up", Q.IQ2_XXS)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q8.gguf"]
+
+
+GGUF_FINDINGS = Path(__file__).resolve().parent / "fuzz" / "gguf_findings"
+
+
+@pytest.mark.parametrize("finding", sorted(GGUF_FINDINGS.glob("*.gguf")), ids=lambda p: p.name)
+def test_gguf_fuzzer_findings_are_refused(finding: Path) -> None:
+    """Corrupt inputs are refused by the native loader before gguf-py could over-allocate."""
+    with pytest.raises(ConversionError) as info:
+        quantize(finding, None, mix="Q8_0", dry_run=True)
+    assert "\n" not in str(info.value)
