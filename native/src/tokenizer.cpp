@@ -19,6 +19,8 @@
 //   Without token types, <0xXX> pieces are bytes and every other token is normal text.
 #include "tokenizer.h"
 
+#include "gguf_values.h"
+
 #include "error.h"
 #include "gguf_model.h"
 
@@ -48,49 +50,17 @@ enum TokenType : uint8_t {
 
 const char kSpacePiece[] = "\xE2\x96\x81";  // U+2581, what a space becomes
 
-bool is_integer_type(enum gguf_type t) {
-    switch (t) {
-        case GGUF_TYPE_UINT8: case GGUF_TYPE_INT8: case GGUF_TYPE_UINT16: case GGUF_TYPE_INT16:
-        case GGUF_TYPE_UINT32: case GGUF_TYPE_INT32: case GGUF_TYPE_UINT64: case GGUF_TYPE_INT64:
-            return true;
-        default:
-            return false;
-    }
-}
-
-// Element i of an integer array (or the integer scalar when i = 0 and it is not an array), as
-// int64; values that do not fit read as -1.
-int64_t read_integer(const gguf_context * g, int64_t key, size_t i) {
-    const bool is_arr = gguf_get_kv_type(g, key) == GGUF_TYPE_ARRAY;
-    const enum gguf_type t = is_arr ? gguf_get_arr_type(g, key) : gguf_get_kv_type(g, key);
-    const void * p = is_arr ? gguf_get_arr_data(g, key) : gguf_get_val_data(g, key);
-    switch (t) {
-        case GGUF_TYPE_UINT8:  return static_cast<const uint8_t *>(p)[i];
-        case GGUF_TYPE_INT8:   return static_cast<const int8_t *>(p)[i];
-        case GGUF_TYPE_UINT16: return static_cast<const uint16_t *>(p)[i];
-        case GGUF_TYPE_INT16:  return static_cast<const int16_t *>(p)[i];
-        case GGUF_TYPE_UINT32: return static_cast<const uint32_t *>(p)[i];
-        case GGUF_TYPE_INT32:  return static_cast<const int32_t *>(p)[i];
-        case GGUF_TYPE_UINT64: {
-            const uint64_t v = static_cast<const uint64_t *>(p)[i];
-            return v > static_cast<uint64_t>(INT64_MAX) ? -1 : static_cast<int64_t>(v);
-        }
-        case GGUF_TYPE_INT64:  return static_cast<const int64_t *>(p)[i];
-        default:               return -1;
-    }
-}
-
 // An optional token id key: -1 when absent; throws when it is not an integer inside the vocabulary.
 int32_t optional_token_id(const gguf_context * g, const char * name, size_t n_vocab) {
     const int64_t key = gguf_find_key(g, name);
     if (key < 0) {
         return -1;
     }
-    if (!is_integer_type(gguf_get_kv_type(g, key))) {
+    if (!is_integer(gguf_get_kv_type(g, key))) {
         fail(DG_ERR_FORMAT, format("%s has type %s (expected an unsigned integer)", name,
                                    gguf_type_name(gguf_get_kv_type(g, key))));
     }
-    const int64_t v = read_integer(g, key, 0);
+    const int64_t v = integer_at(g, key, 0);
     if (v < 0 || static_cast<uint64_t>(v) >= n_vocab) {
         fail(DG_ERR_FORMAT, format("%s = %lld is outside the vocabulary (%zu tokens)", name, static_cast<long long>(v),
                                    n_vocab));
@@ -220,7 +190,7 @@ void Tokenizer::Impl::load(const gguf_context * g) {
     byte_value.assign(n_vocab, -1);
     const int64_t types_key = gguf_find_key(g, "tokenizer.ggml.token_type");
     if (types_key >= 0) {
-        if (gguf_get_kv_type(g, types_key) != GGUF_TYPE_ARRAY || !is_integer_type(gguf_get_arr_type(g, types_key))) {
+        if (gguf_get_kv_type(g, types_key) != GGUF_TYPE_ARRAY || !is_integer(gguf_get_arr_type(g, types_key))) {
             fail(DG_ERR_FORMAT, "tokenizer.ggml.token_type is not an array of integers");
         }
         if (gguf_get_arr_n(g, types_key) != n_vocab) {
@@ -228,7 +198,7 @@ void Tokenizer::Impl::load(const gguf_context * g) {
                                        gguf_get_arr_n(g, types_key), n_vocab));
         }
         for (size_t i = 0; i < n_vocab; ++i) {
-            const int64_t t = read_integer(g, types_key, i);
+            const int64_t t = integer_at(g, types_key, i);
             types[i] = static_cast<uint8_t>(t >= kUndefined && t <= kByte ? t : int64_t{kNormal});
         }
     }
