@@ -23,6 +23,8 @@ pydgemma info -m tiny.gguf --json | python -c "import json, sys; assert json.loa
 if pydgemma info -m /etc/hostname 2>err.txt; then echo "expected a failure" >&2; exit 1; fi
 [ "$(wc -l < err.txt)" -eq 1 ] && grep -q '^error: not a GGUF file' err.txt
 pydgemma-quantize convert --help >/dev/null
+# the bundled demo model ships in the wheel and solves its sample puzzle
+pydgemma run --json --seed 1 | python -c "import json, sys; assert json.load(sys.stdin)['solved'] is True"
 python -c "import pydgemma.quantize, pydgemma.models"
 # quantize/ and models/ ship inside pydgemma, never as generic top-level modules
 for generic in quantize models; do

@@ -158,22 +158,28 @@ def info(
 
 @app.command()
 def run(
-    model: Path = typer.Option(..., "--model", "-m", help="A DiffusionGemma .gguf file.", show_default=False),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt (one user turn). '-' reads stdin."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", show_default=False,
+                                         help="A DiffusionGemma .gguf file. Default: the bundled demo model, a tiny "
+                                              "DiffusionGemma that solves 4x4 Sudoku."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt (one user turn). '-' reads stdin. "
+                                         "With the demo model and no prompt: a sample puzzle."),
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Chat: a prompt per line, history kept."),
     visual: bool = typer.Option(False, "--visual", help="Watch the canvas denoise (accepted tokens bold, noise dim)."),
     think: bool = typer.Option(False, "--think", help="Let the model think first; thoughts are shown apart."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (same seed, same answer). Default: random."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps per canvas (default: the model's, 48)."),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Tokens to generate at most (a canvas is 256)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n",
+                                             help="Tokens to generate at most (default: one canvas, 256 for the 26B)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: physical cores)."),
     device: str = typer.Option("auto", "--device", "-d", help="'auto', 'cpu', or a device name (see 'info')."),
     system: Optional[str] = typer.Option(None, "--system", help="A system prompt for --interactive."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: text, thinking, tokens, stats."),
 ) -> None:
-    """Generate text from a prompt, or chat with -i.
+    """Generate text from a prompt, or chat with -i. With no model, the bundled demo solves a Sudoku.
 
     Examples:
+
+      pydgemma run                       the demo: a 4x4 Sudoku solved by diffusion (add --visual)
 
       pydgemma run -m model.gguf -p "Write a haiku about rivers"
 
@@ -187,15 +193,22 @@ def run(
     from .run_cli import interactive as chat_loop
     from .run_cli import run_once
 
-    if not interactive and prompt is None:
+    from .run_cli import demo_model_path, run_demo
+
+    demo = model is None
+    if demo:
+        model = demo_model_path()
+    if not interactive and prompt is None and not demo:
         raise typer.BadParameter("give a prompt with -p, or chat with -i", param_hint="'--prompt'")
     if prompt == "-":
         prompt = sys.stdin.read()
-    options = {"seed": seed if seed is not None else random.randrange(2**63), "max_steps": steps,
-               "max_new_tokens": max_tokens}
     m = Model(model, device=device, n_threads=threads)
+    options = {"seed": seed if seed is not None else random.randrange(2**63), "max_steps": steps,
+               "max_new_tokens": max_tokens or m.hparams["canvas_length"]}
     if interactive:
         raise typer.Exit(chat_loop(m, options, think=think, visual=visual, system=system))
+    if demo and prompt is None:
+        raise typer.Exit(run_demo(m, options, visual=visual, as_json=json_output))
     raise typer.Exit(run_once(m, prompt or "", options, visual=visual, as_json=json_output, think=think))
 
 

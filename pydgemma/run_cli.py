@@ -117,3 +117,52 @@ def interactive(model, options: dict[str, Any], *, think: bool, visual: bool, sy
             sys.stdout.write(gen.text)
         sys.stdout.write("\n")
         sys.stdout.flush()
+
+
+def demo_model_path() -> Path:
+    """The bundled demo model (pydgemma/models/demo/sudoku4-q8_0.gguf)."""
+    from .errors import ModelError
+
+    path = Path(__file__).resolve().parent / "models" / "demo" / "sudoku4-q8_0.gguf"
+    if not path.is_file():
+        try:  # an editable install keeps models/ beside the package
+            import pydgemma.models.demo as demo
+
+            path = Path(demo.__file__).resolve().parent / "sudoku4-q8_0.gguf"
+        except ImportError:
+            pass
+    if not path.is_file():
+        raise ModelError("the bundled demo model is not installed; give a model with -m", "DG_ERR_IO")
+    return path
+
+
+def run_demo(model, options: dict[str, Any], *, visual: bool, as_json: bool) -> int:
+    """Solves a sample 4x4 Sudoku with the demo model and shows it next to the puzzle."""
+    from .models.demo import train as sudoku
+
+    rng_seed = int(options.get("seed") or 0)
+    puzzles = sudoku.test_puzzles(50)
+    puzzle, _ = puzzles[rng_seed % len(puzzles)]
+    prompt = sudoku.prompt_text(puzzle)
+    err = Console(stderr=True, highlight=False)
+    if visual:
+        with CanvasView(model, err) as view:
+            gen = model.generate(prompt, on_step=view.on_step, **options)
+    else:
+        gen = model.generate(prompt, **options)
+    solved = sudoku.check_answer(puzzle, gen.text)
+    if as_json:
+        data = generation_dict(gen)
+        data.update({"puzzle": puzzle, "solved": solved})
+        Console(highlight=False).print_json(json.dumps(data))
+        return 0
+    answer = sudoku.parse_answer(gen.text)
+    rows_p = puzzle.split(sudoku.SEP)
+    rows_a = sudoku.format_grid(answer).split(sudoku.SEP) if answer else ["????"] * 4
+    out = Console(highlight=False)
+    out.print("[bold]puzzle[/bold]     [bold]answer[/bold]")
+    for rp, ra in zip(rows_p, rows_a):
+        out.print(" ".join(rp) + "    " + " ".join(ra))
+    verdict = "[green]solved[/green]" if solved else "[red]not solved[/red]"
+    out.print(f"{verdict} in {sum(gen.steps)} denoising steps ({gen.tokens_per_forward:.1f} tokens per forward pass)")
+    return 0
