@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -210,6 +211,41 @@ def run(
     if demo and prompt is None:
         raise typer.Exit(run_demo(m, options, visual=visual, as_json=json_output))
     raise typer.Exit(run_once(m, prompt or "", options, visual=visual, as_json=json_output, think=think))
+
+
+@app.command()
+def demo(
+    eval_n: int = typer.Option(100, "--eval", help="Fresh puzzles to solve and check."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the puzzle generator (puzzle i also samples with seed + i)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Another Sudoku model (default: the bundled one)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: physical cores)."),
+) -> None:
+    """Measure the demo model: solve N fresh 4x4 Sudoku puzzles and check every answer exactly.
+
+    Example: pydgemma demo --eval 200 --seed 7
+    """
+    import random as _random
+
+    from .model import Model
+    from .models.demo import train as sudoku
+    from .run_cli import demo_model_path
+
+    m = Model(model or demo_model_path(), n_threads=threads)
+    rng = _random.Random(seed)
+    solved = steps = forwards = tokens = 0
+    started = time.perf_counter()
+    for i in range(eval_n):
+        puzzle, _ = sudoku.make_puzzle(rng)
+        gen = m.generate(sudoku.prompt_text(puzzle), max_new_tokens=m.hparams["canvas_length"], seed=seed + i)
+        solved += sudoku.check_answer(puzzle, gen.text)
+        steps += sum(gen.steps)
+        forwards += gen.n_forwards
+        tokens += len(gen.tokens)
+    elapsed = time.perf_counter() - started
+    typer.echo(f"accuracy: {100 * solved / eval_n:.1f}% ({solved}/{eval_n} solved exactly)")
+    typer.echo(f"mean steps per canvas: {steps / eval_n:.2f}")
+    typer.echo(f"tokens per forward: {tokens / forwards:.2f}" if forwards else "tokens per forward: -")
+    typer.echo(f"{eval_n / elapsed:.1f} puzzles/s")
 
 
 @app.command()

@@ -36,3 +36,30 @@ def test_visual_demo() -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_demo_eval_accuracy() -> None:
+    r = subprocess.run([sys.executable, "-m", "pydgemma", "demo", "--eval", "40", "--seed", "11"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    accuracy = float(lines[0].split()[1].rstrip("%"))
+    assert accuracy >= 90.0, r.stdout
+    assert lines[1].startswith("mean steps per canvas: ") and lines[2].startswith("tokens per forward: ")
+
+
+def test_the_recipe_still_trains(tmp_path) -> None:
+    """A few optimisation steps of the real recipe on a small batch, then our converter and loader:
+    the recipe cannot rot without CI noticing (the full run takes ~13 minutes and is not repeated)."""
+    import pydgemma
+    from pydgemma.models.demo import train as recipe
+    from pydgemma.quantize import convert
+
+    metrics = recipe.train(tmp_path, steps=3, minutes=2, batch_size=4, log_every=1)
+    assert metrics["steps_done"] == 3
+    assert all(point["loss"] > 0 for point in metrics["loss_curve"])
+    gguf = convert(tmp_path / "hf", tmp_path / "m.gguf", out_type="f32").path
+    model = pydgemma.Model(gguf)
+    assert model.hparams["canvas_length"] == recipe.CANVAS_LENGTH
+    assert model.generate(recipe.prompt_text(recipe.test_puzzles(1)[0][0]), max_new_tokens=recipe.CANVAS_LENGTH,
+                          seed=0, max_steps=2).steps

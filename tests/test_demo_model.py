@@ -83,4 +83,4 @@ def test_solves_held_out_puzzles(model, measured) -> None:
     recorded = measured["eval_q8_0"]["solved"][:N_PUZZLES]
     expected = recorded.count("1") / N_PUZZLES
     assert accuracy >= expected - MARGIN, (accuracy, expected)
-    assert accuracy >= 0.5  # chance (random digits) is about 0; a valid grid keeping the clues is the bar
+    assert accuracy >= 0.9  # the bar; chance (random digits) is about 0
