@@ -500,13 +500,14 @@ def build_model(spec: TinySpec = TinySpec(), tokenizer=None):
     return model
 
 
-def _generation_config(tokenizer):
+def _generation_config(tokenizer, settings: dict[str, Any] | None = None):
+    """The sampler settings `generate` reads (GENERATION_DEFAULTS unless `settings` is given)."""
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
         DiffusionGemmaGenerationConfig,
         EntropyBoundSamplerConfig,
     )
 
-    d = GENERATION_DEFAULTS
+    d = settings if settings is not None else GENERATION_DEFAULTS
     return DiffusionGemmaGenerationConfig(
         max_denoising_steps=d["max_denoising_steps"],
         sampler_config=EntropyBoundSamplerConfig(entropy_bound=d["entropy_bound"]),

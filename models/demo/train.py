@@ -245,23 +245,9 @@ def canvas_target(tok, solution: str) -> list[int]:
 
 
 def _generation_config(tok):
-    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
-        DiffusionGemmaGenerationConfig,
-        EntropyBoundSamplerConfig,
-    )
+    from ..tiny_checkpoint import _generation_config as generation_config
 
-    g = GENERATION
-    return DiffusionGemmaGenerationConfig(
-        max_denoising_steps=g["max_denoising_steps"],
-        sampler_config=EntropyBoundSamplerConfig(entropy_bound=g["entropy_bound"]),
-        t_min=g["t_min"],
-        t_max=g["t_max"],
-        stability_threshold=g["stability_threshold"],
-        confidence_threshold=g["confidence_threshold"],
-        bos_token_id=tok.bos_token_id,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<turn|>")],
-    )
+    return generation_config(tok, GENERATION)
 
 
 def train(out: Path, *, steps: int, minutes: float, batch_size: int = 64, lr: float = 1e-3, warmup: int = 50,
