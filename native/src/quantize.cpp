@@ -3,11 +3,11 @@
 #include "quantize.h"
 
 #include "error.h"
+#include "parallel.h"
 
 #include "ggml.h"
 
 #include <algorithm>
-#include <thread>
 #include <vector>
 
 namespace dg {
@@ -29,7 +29,8 @@ size_t quantize_rows(int32_t type, const float * src, void * dst, int64_t n_rows
     const size_t  row_size = ggml_row_size(t, n_per_row);
     const int64_t threads  = std::max<int64_t>(1, std::min<int64_t>(n_threads > 0 ? n_threads : 1, n_rows / 4 + 1));
     std::vector<size_t> written(static_cast<size_t>(threads), 0);
-    auto work = [&](int64_t w) {
+    auto work = [&](unsigned worker) {
+        const int64_t w     = worker;
         const int64_t first = n_rows * w / threads;
         const int64_t last  = n_rows * (w + 1) / threads;
         if (last > first) {
@@ -37,14 +38,7 @@ size_t quantize_rows(int32_t type, const float * src, void * dst, int64_t n_rows
             written[static_cast<size_t>(w)] = ggml_quantize_chunk(t, src, dst, first * n_per_row, last - first, n_per_row, imatrix);
         }
     };
-    std::vector<std::thread> pool;
-    for (int64_t w = 1; w < threads; ++w) {
-        pool.emplace_back(work, w);
-    }
-    work(0);
-    for (auto & th : pool) {
-        th.join();
-    }
+    run_workers(static_cast<unsigned>(threads), work);
     size_t total = 0;
     for (size_t n : written) {
         total += n;

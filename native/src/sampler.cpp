@@ -2,6 +2,7 @@
 
 #include "error.h"
 #include "gguf_model.h"
+#include "parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -151,23 +152,12 @@ dg_step_result Sampler::step(float * logits, int32_t * canvas, int32_t * argmax_
     std::vector<RowStats> rows(canvas_len_);
     const uint32_t n_threads = std::min<uint32_t>(static_cast<uint32_t>(p_.n_threads),
                                                   std::max<uint32_t>(1, canvas_len_ * n_vocab_ / (1u << 16)));
-    auto work = [&](uint32_t first) {
+    auto work = [&](unsigned first) {
         for (uint32_t i = first; i < canvas_len_; i += n_threads) {
             rows[i] = row(logits + static_cast<size_t>(i) * n_vocab_, t, stream_id(p_.seed, canvas_no_, step_, i, 1));
         }
     };
-    if (n_threads <= 1) {
-        work(0);
-    } else {
-        std::vector<std::thread> pool;
-        for (uint32_t w = 1; w < n_threads; ++w) {
-            pool.emplace_back(work, w);
-        }
-        work(0);
-        for (auto & th : pool) {
-            th.join();
-        }
-    }
+    run_workers(n_threads, work);
 
     // Entropy-bound acceptance: positions by ascending entropy; the k-th is accepted while the
     // entropies before it sum to at most the bound (transformers: cumsum - entropy <= bound, f32).
