@@ -17,17 +17,19 @@ def _ms(samples: list[float]) -> dict[str, float]:
 
 
 def run_bench(model, *, prompt_tokens: int = 64, canvases: int = 1, steps: int | None = None, fixed_steps: bool = False,
-              repeat: int = 5, seed: int = 0) -> dict[str, Any]:
+              repeat: int = 5, seed: int = 0, prompt: np.ndarray | None = None, canvas: np.ndarray | None = None, sc_top_k: int = 0) -> dict[str, Any]:
     """Prefill speed; one denoise step split into forward, self-conditioning and sampler; and a
-    whole generation (steps per canvas, tokens/s, tokens per forward). Random prompt tokens."""
+    whole generation (steps per canvas, tokens/s, tokens per forward). Random prompt and canvas
+    tokens unless given (side-by-side benchmarks pass the ones they feed transformers)."""
     from .generate import generate_ids
     from .sampler import Sampler, default_params
 
     hp = model.hparams
     C, V = hp["canvas_length"], hp["n_vocab"]
     rng = np.random.default_rng(seed)
-    prompt = rng.integers(0, V, prompt_tokens).astype(np.int32)
-    ctx = model.context(n_ctx=min(hp["n_ctx_train"], prompt_tokens + (canvases + 1) * C))
+    prompt = (rng.integers(0, V, prompt_tokens) if prompt is None else np.asarray(prompt)).astype(np.int32)
+    prompt_tokens = len(prompt)
+    ctx = model.context(n_ctx=min(hp["n_ctx_train"], prompt_tokens + (canvases + 1) * C), sc_top_k=sc_top_k)
 
     prefill = []
     for _ in range(max(1, repeat // 2)):
@@ -36,7 +38,7 @@ def run_bench(model, *, prompt_tokens: int = 64, canvases: int = 1, steps: int |
         ctx.prefill(prompt)
         prefill.append(time.perf_counter() - t)
 
-    canvas = rng.integers(0, V, C).astype(np.int32)
+    canvas = (rng.integers(0, V, C) if canvas is None else np.asarray(canvas)).astype(np.int32)
     logits = ctx.denoise(canvas)  # warm-up, and the self-conditioning input below
     plain, with_sc, sampling = [], [], []
     sampler = Sampler(model, seed=seed)
@@ -69,6 +71,7 @@ def run_bench(model, *, prompt_tokens: int = 64, canvases: int = 1, steps: int |
                   "n_expert": hp["n_expert"], "file_size": model.file_size, "device": model.device,
                   "n_threads": model.n_threads},
         "prompt_tokens": prompt_tokens,
+        "sc_top_k": sc_top_k,
         "prefill_tok_per_s": prompt_tokens / statistics.median(prefill),
         "denoise_step": {
             "forward": _ms(plain),

@@ -175,6 +175,8 @@ def run(
     device: str = typer.Option("auto", "--device", "-d", help="'auto', 'cpu', or a device name (see 'info')."),
     system: Optional[str] = typer.Option(None, "--system", help="A system prompt for --interactive."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: text, thinking, tokens, stats."),
+    sc_top_k: int = typer.Option(0, "--sc-top-k", min=0, help="APPROXIMATE self-conditioning over each position's "
+                                 "k likeliest tokens (faster; changes the output). 0 = exact."),
 ) -> None:
     """Generate text from a prompt, or chat with -i. With no model, the bundled demo solves a Sudoku.
 
@@ -206,6 +208,8 @@ def run(
     m = Model(model, device=device, n_threads=threads)
     options = {"seed": seed if seed is not None else random.randrange(2**63), "max_steps": steps,
                "max_new_tokens": max_tokens or m.hparams["canvas_length"]}
+    if sc_top_k:
+        options["sc_top_k"] = sc_top_k
     if interactive:
         raise typer.Exit(chat_loop(m, options, think=think, visual=visual, system=system))
     if demo and prompt is None:
@@ -259,6 +263,8 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: physical cores)."),
     device: str = typer.Option("auto", "--device", "-d", help="'auto', 'cpu', or a device name."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    sc_top_k: int = typer.Option(0, "--sc-top-k", min=0, help="Measure APPROXIMATE self-conditioning over each "
+                                 "position's k likeliest tokens. 0 = exact."),
 ) -> None:
     """Measure prefill speed, the cost of one denoising step (forward / self-conditioning / sampler)
     and a whole generation on this machine.
@@ -269,7 +275,8 @@ def bench(
     from .model import Model
 
     m = Model(model, device=device, n_threads=threads)
-    r = run_bench(m, prompt_tokens=prompt_tokens, canvases=canvases, steps=steps, fixed_steps=fixed_steps, repeat=repeat)
+    r = run_bench(m, prompt_tokens=prompt_tokens, canvases=canvases, steps=steps, fixed_steps=fixed_steps, repeat=repeat,
+                  sc_top_k=sc_top_k)
     if json_output:
         typer.echo(json.dumps(r, indent=2))
         return

@@ -24,7 +24,8 @@ def _ids(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
 class Context:
     """Created by :meth:`Model.context`. Not thread-safe; use one context per thread."""
 
-    def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 512, n_threads: int | None = None) -> None:
+    def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 512, n_threads: int | None = None,
+                 sc_top_k: int = 0) -> None:
         nat = native()
         ffi, lib = nat.ffi, nat.lib
         self.model = model  # keeps the model alive as long as the context
@@ -32,6 +33,9 @@ class Context:
         params.n_ctx = n_ctx or 0
         params.n_batch = n_batch
         params.n_threads = n_threads or 0
+        if sc_top_k < 0:
+            raise PydgemmaError(f"sc_top_k must be 0 (exact) or positive, got {sc_top_k}", "DG_ERR_INVALID_ARG")
+        params.sc_top_k = sc_top_k
         out = ffi.new("dg_context **")
         self._check(lib.dg_context_new(model._handle, params, out))
         self._handle = ffi.gc(out[0], lib.dg_context_free)

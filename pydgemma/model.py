@@ -88,7 +88,9 @@ class Model:
 
     ``Model(path)`` maps the file and checks every key and tensor the runtime needs; any problem
     raises :class:`ModelError` with the core's one-line message. ``device`` is ``"auto"`` (first
-    GPU, else CPU), ``"cpu"``, or a device name from :func:`pydgemma.devices`.
+    GPU, else CPU), ``"cpu"``, or a device name from :func:`pydgemma.devices`. ``repack`` (CPU
+    only) lets ggml re-lay out the quantized matmul weights it has tiled kernels for (Q4_0, Q4_K,
+    IQ4_NL, ... on x86): faster, at the price of copying those weights out of the file mapping.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class Model:
         n_threads: int | None = None,
         device: str = "auto",
         use_mmap: bool = True,
+        repack: bool = True,
     ) -> None:
         self._handle = None
         self.path = os.fspath(path)
@@ -110,6 +113,7 @@ class Model:
         params.device = device_c
         params.n_threads = n_threads or 0
         params.use_mmap = use_mmap
+        params.repack = repack
         out = ffi.new("dg_model **")
         status = lib.dg_model_load(os.fsencode(self.path), params, out)
         if status != 0:
@@ -161,13 +165,17 @@ class Model:
             nat = native()
             raise ModelError(nat.last_error(), nat.status_name(status))
 
-    def context(self, n_ctx: int | None = None, *, n_batch: int = 512, n_threads: int | None = None):
-        """A generation context: a KV cache for ``n_ctx`` tokens (default min(4096, context length))."""
+    def context(self, n_ctx: int | None = None, *, n_batch: int = 512, n_threads: int | None = None, sc_top_k: int = 0):
+        """A generation context: a KV cache for ``n_ctx`` tokens (default min(4096, context length)).
+
+        ``sc_top_k`` > 0 switches self-conditioning to an APPROXIMATE mode that mixes only each canvas
+        row's k most likely tokens (renormalised) instead of the whole vocabulary: faster and without
+        the transposed-embedding copy, but the output changes (README, "Performance", has its drift)."""
         from .context import Context
 
         if self._handle is None:
             raise ModelError("the model is closed", "DG_ERR_INVALID_ARG")
-        return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
+        return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, sc_top_k=sc_top_k)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of `text` with the model's own tokenizer; `add_special` prepends BOS."""
@@ -234,10 +242,11 @@ class Model:
         return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
 
     def generate(self, prompt_or_messages, *, max_new_tokens: int = 256, think: bool = False, n_ctx: int | None = None,
-                 **options):
+                 sc_top_k: int = 0, **options):
         """Generates a reply. A string is one user turn (rendered with the chat template when the
         model has one); a list is chat messages ({"role", "content"}). Options: max_steps, t_min,
-        t_max, entropy_bound, seed, on_step(StepEvent) -> False to stop, on_canvas(index, text)."""
+        t_max, entropy_bound, seed, on_step(StepEvent) -> False to stop, on_canvas(index, text).
+        ``sc_top_k`` > 0: approximate self-conditioning (see :meth:`context`)."""
         from .generate import generate_in_context
 
         if isinstance(prompt_or_messages, str):
@@ -249,7 +258,7 @@ class Model:
             ids = self.chat_prompt_ids(list(prompt_or_messages), think=think)
         canvas = self.hparams["canvas_length"]
         needed = len(ids) + -(-max_new_tokens // canvas) * canvas
-        ctx = self.context(n_ctx=n_ctx or min(self.hparams["n_ctx_train"], max(needed, 1)))
+        ctx = self.context(n_ctx=n_ctx or min(self.hparams["n_ctx_train"], max(needed, 1)), sc_top_k=sc_top_k)
         return generate_in_context(self, ctx, ids, max_new_tokens=max_new_tokens, **options)
 
     def chat(self, *, system: str | None = None, think: bool = False, n_ctx: int | None = None, **options):

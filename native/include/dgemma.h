@@ -87,6 +87,8 @@ typedef struct dg_model_params {
     const char * device;    /* "auto" (first GPU, else CPU), "cpu", or a device name such as "CUDA0" */
     int32_t      n_threads; /* CPU threads for compute; <= 0 means one per available core          */
     bool         use_mmap;  /* map the file instead of reading it into memory                        */
+    bool         repack;    /* CPU: let ggml re-lay out quantized matmul weights for its tiled kernels
+                               (faster; those weights are copied out of the mapping). Default true. */
 } dg_model_params;
 
 DG_API dg_model_params dg_model_default_params(void);
@@ -183,6 +185,9 @@ typedef struct dg_context_params {
     uint32_t n_ctx;     /* tokens the cache holds: prompt + committed canvases; 0 = min(4096, context_length) */
     uint32_t n_batch;   /* tokens per encoder pass when prefilling; 0 = 512                                  */
     int32_t  n_threads; /* CPU threads; <= 0 = the model's                                                   */
+    uint32_t sc_top_k;  /* 0 (default) = exact self-conditioning over the whole vocabulary. k > 0 = APPROXIMATE:
+                           each canvas row's k most likely tokens only, renormalised (faster, no transposed
+                           embedding copy; it changes the model's output, see README)                         */
 } dg_context_params;
 
 DG_API dg_context_params dg_context_default_params(void);

@@ -101,6 +101,7 @@ dg_model_params dg_model_default_params(void) {
     p.device    = "auto";
     p.n_threads = 0;
     p.use_mmap  = true;
+    p.repack    = true;
     return p;
 }
 
@@ -233,6 +234,7 @@ dg_context_params dg_context_default_params(void) {
     p.n_ctx     = 0;
     p.n_batch   = 512;
     p.n_threads = 0;
+    p.sc_top_k  = 0;
     return p;
 }
 
@@ -247,6 +249,10 @@ dg_status dg_context_new(const dg_model * model, const dg_context_params * param
     dg_context_params p = params != nullptr ? *params : dg_context_default_params();
     if (p.n_ctx == 0) {
         p.n_ctx = std::min<uint32_t>(4096, model->impl->hparams().n_ctx_train);
+    }
+    if (p.sc_top_k > model->impl->hparams().n_vocab) {
+        return invalid(dg::format("sc_top_k = %u exceeds the vocabulary (%u tokens)", p.sc_top_k,
+                                  model->impl->hparams().n_vocab).c_str());
     }
     return guarded([&] {
         std::unique_ptr<dg_context> ctx(new dg_context());

@@ -61,7 +61,7 @@ struct MemoryPlan {
     uint64_t total() const { return weights + kv + compute + self_cond + logits; }
 };
 
-MemoryPlan plan_memory(const GgufModel & model, uint32_t n_ctx, uint32_t n_batch) {
+MemoryPlan plan_memory(const GgufModel & model, uint32_t n_ctx, uint32_t n_batch, uint32_t sc_top_k) {
     const dg_hparams & hp = model.hparams();
     MemoryPlan m;
     uint32_t max_hd = 0;
@@ -85,7 +85,7 @@ MemoryPlan plan_memory(const GgufModel & model, uint32_t n_ctx, uint32_t n_batch
         return 4 * (scores + acts + vocab);
     };
     m.compute = std::max(pass(C, true), pass(std::min<uint64_t>(n_batch, n_ctx), false));
-    if (hp.has_self_conditioning) {
+    if (hp.has_self_conditioning && sc_top_k == 0) {
         m.self_cond = uint64_t(hp.n_vocab) * hp.n_embd * (model.weight("token_embd.weight")->type == GGML_TYPE_F32 ? 4 : 2);
     }
     m.logits = 4 * C * hp.n_vocab;
@@ -106,9 +106,10 @@ Context::Context(const GgufModel & model, const dg_context_params & params) : mo
     }
     n_batch_   = params.n_batch > 0 ? params.n_batch : 512;
     n_threads_ = params.n_threads > 0 ? params.n_threads : model.n_threads();
+    sc_top_k_  = params.sc_top_k;
 
     // Refuse up front, with the numbers, rather than failing in the middle of a generation.
-    const MemoryPlan need = plan_memory(model, params.n_ctx, n_batch_);
+    const MemoryPlan need = plan_memory(model, params.n_ctx, n_batch_, sc_top_k_);
     size_t free = 0, total = 0;
     ggml_backend_dev_memory(model.device(), &free, &total);
     if (free > 0 && need.total() > free) {
@@ -231,13 +232,16 @@ void Context::denoise(const int32_t * canvas, uint32_t n, const float * sc_logit
         if (!model_.hparams().has_self_conditioning) {
             fail(DG_ERR_UNSUPPORTED, "denoise: this model has no self-conditioning tensors");
         }
-        ensure_transposed_embedding();
+        if (sc_top_k_ == 0) {
+            ensure_transposed_embedding();
+        }
     }
     ForwardShape shape;
     shape.pass      = Pass::DECODE;
     shape.n_tokens  = n;
     shape.n_past    = n_past_;
     shape.self_cond = sc_logits != nullptr;
+    shape.sc_top_k  = sc_top_k_;
     run(shape, canvas, sc_logits, out);
 }
 

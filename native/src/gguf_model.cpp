@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -37,7 +38,13 @@ void log_callback(enum ggml_log_level level, const char * text, void * /*user_da
         }
         return;
     }
-    if (g_prev_log_cb != nullptr) {
+    // ggml's chatter (debug and info, e.g. one line per repacked weight) is not the user's business;
+    // warnings and errors still reach the previous logger, continuation lines with their message.
+    static thread_local bool t_passing = false;
+    if (level != GGML_LOG_LEVEL_CONT) {
+        t_passing = level == GGML_LOG_LEVEL_WARN || level == GGML_LOG_LEVEL_ERROR || std::getenv("DGEMMA_GGML_DEBUG") != nullptr;
+    }
+    if (t_passing && g_prev_log_cb != nullptr) {
         g_prev_log_cb(level, text, g_prev_log_ud);
     }
 }
@@ -272,6 +279,9 @@ std::string prescan_metadata(const uint8_t * data, uint64_t size) {
 // ---------------------------------------------------------------------------------------------
 
 GgufModel::~GgufModel() {
+    if (repack_buffer_ != nullptr) {
+        ggml_backend_buffer_free(repack_buffer_);
+    }
     if (weights_buffer_ != nullptr) {
         ggml_backend_buffer_free(weights_buffer_);
     }
@@ -298,6 +308,7 @@ std::unique_ptr<GgufModel> GgufModel::load(const std::string & path, const dg_mo
         n_threads = default_thread_count();
     }
     model->n_threads_ = n_threads;
+    model->repack_    = params.repack;
     return model;
 }
 
@@ -310,8 +321,110 @@ ggml_tensor * GgufModel::weight(const std::string & name) const {
     return find_tensor(name) != nullptr ? ggml_get_tensor(meta_ctx_, name.c_str()) : nullptr;
 }
 
+namespace {
+
+// The CPU device's "extra" buffer type that re-lays out weights for ggml's tiled kernels, if any.
+ggml_backend_buffer_type_t cpu_repack_buffer_type(ggml_backend_dev_t dev) {
+    if (ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+        return nullptr;
+    }
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+    auto get_extra = reinterpret_cast<ggml_backend_dev_get_extra_bufts_t>(
+        ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts"));
+    if (get_extra == nullptr) {
+        return nullptr;
+    }
+    for (ggml_backend_buffer_type_t * b = get_extra(dev); b != nullptr && *b != nullptr; ++b) {
+        if (std::strcmp(ggml_backend_buft_name(*b), "CPU_REPACK") == 0) {
+            return *b;
+        }
+    }
+    return nullptr;
+}
+
+// Whether ggml's CPU backend runs `w` (a matmul weight) from `buft`: asked with the op the graph
+// builds (mul_mat for 2-D weights, mul_mat_id for stacked experts), as the weight's only use.
+bool runs_from(ggml_backend_dev_t dev, ggml_backend_buffer_t probe, ggml_tensor * w) {
+    const int n_dims = ggml_n_dims(w);
+    if (n_dims != 2 && n_dims != 3) {
+        return false;
+    }
+    ggml_init_params ip{};
+    ip.mem_size   = 8 * ggml_tensor_overhead();
+    ip.no_alloc   = true;
+    ggml_context * ctx = ggml_init(ip);
+    if (ctx == nullptr) {
+        return false;
+    }
+    ggml_tensor * op = nullptr;
+    if (n_dims == 2) {
+        op = ggml_mul_mat(ctx, w, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, w->ne[0], 8));
+    } else {
+        ggml_tensor * x   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, w->ne[0], 2, 8);
+        ggml_tensor * ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 2, 8);
+        op = ggml_mul_mat_id(ctx, w, x, ids);
+    }
+    ggml_backend_buffer_t saved = w->buffer;
+    w->buffer = probe;
+    const bool ok = ggml_backend_dev_supports_op(dev, op);
+    w->buffer = saved;
+    ggml_free(ctx);
+    return ok;
+}
+
+}  // namespace
+
+// Names of the weights only ever used as the first operand of a matmul: the layers' projections
+// and experts (and an untied output head). token_embd is also read by get_rows, so it stays put.
+static bool matmul_only_weight(const std::string & name) {
+    const bool layer_matrix = name.rfind("blk.", 0) == 0 && name.size() > 7 &&
+                              name.compare(name.size() - 7, 7, ".weight") == 0;
+    return layer_matrix || name == "output.weight";
+}
+
 void GgufModel::bind_weights() const {
     std::call_once(bind_once_, [this] {
+        // Quantized matmul weights ggml has tiled CPU kernels for go to the repack buffer (copied
+        // and re-laid out once); everything else stays a zero-copy view of the mapping.
+        std::vector<const TensorRecord *> repacked;
+        if (repack_) {
+            if (ggml_backend_buffer_type_t buft = cpu_repack_buffer_type(device_)) {
+                ggml_backend_buffer_t probe = ggml_backend_buft_alloc_buffer(buft, 0);
+                size_t total = 0;
+                for (const TensorRecord & t : tensors_) {
+                    ggml_tensor * w = ggml_get_tensor(meta_ctx_, t.name.c_str());
+                    if (probe != nullptr && ggml_is_quantized(w->type) && matmul_only_weight(t.name) &&
+                        runs_from(device_, probe, w)) {
+                        repacked.push_back(&t);
+                        total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, w), ggml_backend_buft_get_alignment(buft));
+                    }
+                }
+                if (probe != nullptr) {
+                    ggml_backend_buffer_free(probe);
+                }
+                if (!repacked.empty()) {
+                    repack_buffer_ = ggml_backend_buft_alloc_buffer(buft, total);
+                    if (repack_buffer_ == nullptr) {
+                        repacked.clear();  // no room for copies: run from the mapping instead
+                    }
+                }
+                if (repack_buffer_ != nullptr) {
+                    ggml_tallocr alloc = ggml_tallocr_new(repack_buffer_);
+                    for (const TensorRecord * t : repacked) {
+                        ggml_tensor * w = ggml_get_tensor(meta_ctx_, t->name.c_str());
+                        if (ggml_tallocr_alloc(&alloc, w) != GGML_STATUS_SUCCESS) {
+                            fail(DG_ERR_BACKEND, format("cannot place tensor '%s' in %s", t->name.c_str(), ggml_backend_buft_name(buft)));
+                        }
+                        ggml_backend_tensor_set(w, t->data, 0, t->n_bytes);  // re-lays out the blocks
+                    }
+                    ggml_backend_buffer_set_usage(repack_buffer_, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+                    n_repacked_ = repacked.size();
+                }
+            }
+        }
+        auto is_repacked = [&](const TensorRecord & t) {
+            return std::find(repacked.begin(), repacked.end(), &t) != repacked.end();
+        };
         const uint64_t data_offset = gguf_get_data_offset(gguf_);
         const uint64_t data_size   = file_.size() - data_offset;
         uint64_t       max_tensor  = 0;
@@ -326,6 +439,9 @@ void GgufModel::bind_weights() const {
         }
         if (weights_buffer_ != nullptr) {
             for (const TensorRecord & t : tensors_) {
+                if (is_repacked(t)) {
+                    continue;
+                }
                 ggml_tensor * w = ggml_get_tensor(meta_ctx_, t.name.c_str());
                 if (ggml_backend_tensor_alloc(weights_buffer_, w, base + (t.file_offset - data_offset)) != GGML_STATUS_SUCCESS) {
                     fail(DG_ERR_BACKEND, format("cannot place tensor '%s' on %s", t.name.c_str(), device_name_.c_str()));
@@ -338,7 +454,9 @@ void GgufModel::bind_weights() const {
                                                   static_cast<double>(data_size) / (1ull << 30), device_name_.c_str()));
             }
             for (const TensorRecord & t : tensors_) {
-                ggml_backend_tensor_set(ggml_get_tensor(meta_ctx_, t.name.c_str()), t.data, 0, t.n_bytes);
+                if (!is_repacked(t)) {
+                    ggml_backend_tensor_set(ggml_get_tensor(meta_ctx_, t.name.c_str()), t.data, 0, t.n_bytes);
+                }
             }
         }
         ggml_backend_buffer_set_usage(weights_buffer_, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);

@@ -1,9 +1,11 @@
 #include "graph.h"
 
+#include "cpu_activations.h"
 #include "error.h"
 #include "gguf_model.h"
 #include "kv_cache.h"
 
+#include "ggml-backend.h"
 #include "ggml.h"
 
 #include <cmath>
@@ -17,6 +19,7 @@ struct Builder {
     ggml_context *     ctx;
     const GgufModel &  model;
     const dg_hparams & hp;
+    bool               cpu;  // the graph runs on the CPU backend: use our vectorised activations
 
     ggml_tensor * w(const std::string & name) const {
         ggml_tensor * t = model.weight(name);
@@ -33,8 +36,12 @@ struct Builder {
         return weight != nullptr ? ggml_mul(ctx, y, weight) : y;
     }
 
-    // tanh-approximated GELU from exact f32 ops (ggml's own GELU goes through an f16 table).
+    // tanh-approximated GELU in float32 (ggml's own GELU goes through an f16 table): our vectorised
+    // kernel on the CPU, elsewhere composed from exact f32 ops.
     ggml_tensor * gelu(ggml_tensor * x) const {
+        if (cpu) {
+            return cpu_gelu_tanh(ctx, x);
+        }
         const float k = 0.7978845608028654f;  // sqrt(2/pi)
         ggml_tensor * x3    = ggml_mul(ctx, ggml_sqr(ctx, x), x);
         ggml_tensor * inner = ggml_add(ctx, x, ggml_scale(ctx, x3, 0.044715f));
@@ -58,7 +65,7 @@ uint32_t swa_kv_start(uint32_t n_past, uint32_t sliding_window) {
 ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufModel & model, const KvCache & cache,
                              const ForwardShape & shape, ggml_tensor * embd_t) {
     const dg_hparams & hp = model.hparams();
-    Builder            b{ctx, model, hp};
+    Builder            b{ctx, model, hp, ggml_backend_dev_type(model.device()) == GGML_BACKEND_DEVICE_TYPE_CPU};
     ForwardTensors     io;
     const bool         encode = shape.pass == Pass::ENCODE;
     const int64_t      n      = shape.n_tokens;
@@ -84,8 +91,21 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
         if (shape.self_cond) {
             io.sc_logits = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, hp.n_vocab, n);
             ggml_set_input(io.sc_logits);
-            ggml_tensor * probs = ggml_soft_max(ctx, io.sc_logits);
-            ggml_tensor * soft  = ggml_scale(ctx, ggml_mul_mat(ctx, embd_t, probs), std::sqrt(static_cast<float>(hp.n_embd)));
+            ggml_tensor * mixed = nullptr;  // sum_v softmax(sc)_v E[v], [n_embd, n]
+            if (shape.sc_top_k == 0) {
+                mixed = ggml_mul_mat(ctx, embd_t, ggml_soft_max(ctx, io.sc_logits));
+            } else {
+                // Approximate: the k largest logits per row, softmax over those only, and the
+                // matching embedding rows mixed with a batched [k] x [n_embd, k] product.
+                const int64_t k    = shape.sc_top_k;
+                ggml_tensor * idx  = ggml_cont(ctx, ggml_top_k(ctx, io.sc_logits, static_cast<int>(k)));   // I32 [k, n]
+                ggml_tensor * top  = ggml_get_rows(ctx, ggml_reshape_3d(ctx, io.sc_logits, 1, hp.n_vocab, n), idx);  // [1, k, n]
+                ggml_tensor * p    = ggml_soft_max(ctx, ggml_reshape_2d(ctx, top, k, n));                 // [k, n]
+                ggml_tensor * rows = ggml_get_rows(ctx, token_embd, ggml_reshape_1d(ctx, idx, k * n));    // [n_embd, k n]
+                ggml_tensor * e_t  = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, rows, hp.n_embd, k, n), 1, 0, 2, 3));
+                mixed = ggml_reshape_2d(ctx, ggml_mul_mat(ctx, e_t, ggml_reshape_3d(ctx, p, k, 1, n)), hp.n_embd, n);
+            }
+            ggml_tensor * soft  = ggml_scale(ctx, mixed, std::sqrt(static_cast<float>(hp.n_embd)));
             ggml_tensor * norm  = b.w_or_null("self_cond_pre_norm.weight");
             if (norm == nullptr) {
                 norm = b.w("self_cond_norm.weight");
@@ -205,7 +225,9 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
         // 3.3 output: final norm, tied (or separate) head, softcap
         ggml_tensor * head = b.w_or_null("output.weight");
         ggml_tensor * logits = ggml_mul_mat(ctx, head != nullptr ? head : token_embd, b.rms(x, b.w("output_norm.weight")));
-        if (hp.final_logit_softcap > 0.0f) {
+        if (hp.final_logit_softcap > 0.0f && b.cpu) {
+            logits = cpu_softcap(ctx, logits, hp.final_logit_softcap);
+        } else if (hp.final_logit_softcap > 0.0f) {
             logits = ggml_scale(ctx, ggml_tanh(ctx, ggml_scale(ctx, logits, 1.0f / hp.final_logit_softcap)), hp.final_logit_softcap);
         }
         ggml_set_output(logits);

@@ -22,6 +22,7 @@ struct ForwardShape {
     uint32_t n_tokens = 0;   // new tokens in this pass
     uint32_t n_past = 0;     // tokens already in the cache
     bool     self_cond = false;
+    uint32_t sc_top_k = 0;   // self-conditioning over each row's top k tokens only (0 = exact)
 };
 
 // Inputs the caller fills after allocation, and the output.

@@ -1,0 +1,78 @@
+"""Approximate self-conditioning over each row's top k tokens (context option sc_top_k)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pydgemma
+from pydgemma.errors import PydgemmaError
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def setup(converted: dict[str, Path]):
+    model = pydgemma.Model(converted["f32"])
+    V, C = model.hparams["n_vocab"], model.hparams["canvas_length"]
+    rng = np.random.default_rng(7)
+    prompt = rng.integers(3, V, 12)
+    canvas = rng.integers(3, V, C)
+    sc = (rng.standard_normal((C, V)) * 3).astype(np.float32)
+    return model, prompt, canvas, sc
+
+
+def _denoise(model, prompt, canvas, sc, k: int) -> np.ndarray:
+    ctx = model.context(n_ctx=64, sc_top_k=k)
+    ctx.prefill(prompt)
+    return ctx.denoise(canvas, sc)
+
+
+def test_top_1_is_the_argmax_embedding(setup) -> None:
+    """k = 1 puts all weight on each row's most likely token: exactly the exact path fed one-hot
+    logits (every other logit -1e30, whose softmax weight is exactly 0 in float32)."""
+    model, prompt, canvas, sc = setup
+    one_hot = np.full_like(sc, -1e30)
+    one_hot[np.arange(len(sc)), sc.argmax(axis=1)] = 0.0
+    exact = _denoise(model, prompt, canvas, one_hot, 0)
+    assert _rel(_denoise(model, prompt, canvas, sc, 1), exact) < 1e-6
+    assert _rel(_denoise(model, prompt, canvas, sc, 0), exact) > 1e-3  # the input really matters
+
+
+def test_top_k_over_the_whole_vocabulary_is_exact(setup) -> None:
+    model, prompt, canvas, sc = setup
+    V = model.hparams["n_vocab"]
+    assert _rel(_denoise(model, prompt, canvas, sc, V), _denoise(model, prompt, canvas, sc, 0)) < 1e-5
+
+
+def test_top_k_drift_shrinks_with_k(setup) -> None:
+    model, prompt, canvas, sc = setup
+    exact = _denoise(model, prompt, canvas, sc, 0)
+    errors = [_rel(_denoise(model, prompt, canvas, sc, k), exact) for k in (4, 64, 256)]
+    assert errors[0] > errors[1] > errors[2] > 0
+
+
+def test_bad_k_is_refused(setup) -> None:
+    model = setup[0]
+    with pytest.raises(PydgemmaError, match="exceeds the vocabulary"):
+        model.context(n_ctx=64, sc_top_k=model.hparams["n_vocab"] + 1)
+    with pytest.raises(PydgemmaError, match="sc_top_k must be 0"):
+        model.context(n_ctx=64, sc_top_k=-1)
+
+
+def test_cli_run_with_top_k(converted: dict[str, Path]) -> None:
+    r = subprocess.run([sys.executable, "-m", "pydgemma", "run", "-m", str(converted["f32"]), "-p", "hi", "--seed", "1",
+                        "--steps", "4", "--sc-top-k", "8", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    steps = json.loads(r.stdout)["steps"]
+    assert len(steps) == 1 and 1 <= steps[0] <= 4
+    r = subprocess.run([sys.executable, "-m", "pydgemma", "run", "-m", str(converted["f32"]), "-p", "hi",
+                        "--sc-top-k", "100000000"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "exceeds the vocabulary" in r.stderr
