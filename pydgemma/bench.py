@@ -90,4 +90,23 @@ def run_bench(model, *, prompt_tokens: int = 64, canvases: int = 1, steps: int |
             "tokens_per_forward": gen.tokens_per_forward,
         },
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "ggml_features": list(device_features(model.device)),
     }
+
+
+def device_features(name: str) -> tuple[str, ...]:
+    """The build features ggml reports for the device `name` (e.g. AVX2, LLAMAFILE, REPACK)."""
+    from .devices import devices
+
+    return next((d.features for d in devices() if d.name == name), ())
+
+
+# ggml-python builds ggml without llamafile's tiled matmuls unless asked; they make CPU matmuls 2-3x faster.
+SLOW_CPU_HINT = ("ggml was built without LLAMAFILE: CPU matmuls run 2-3x slower. Rebuild it with\n"
+                 "  CMAKE_ARGS=\"-DGGML_LLAMAFILE=ON\" pip install --force-reinstall --no-deps --no-cache-dir ggml-python==0.0.45")
+
+
+def slow_cpu_build(model) -> bool:
+    """True when the model runs on a CPU whose ggml lacks llamafile's matmuls."""
+    features = device_features(model.device)
+    return model.device.upper().startswith("CPU") and bool(features) and "LLAMAFILE" not in features

@@ -295,7 +295,12 @@ def bench(
     table.add_row("generated", f"{g['generated_tokens']} tokens in {g['seconds']:.2f} s = {g['generated_tok_per_s']:.1f} tok/s")
     table.add_row("tokens per forward", f"{g['tokens_per_forward']:.2f}")
     table.add_row("peak RSS", _human_bytes(r["peak_rss_bytes"]))
+    table.add_row("ggml features", " ".join(r["ggml_features"]) or "-")
     _stdout.print(table)
+    from .bench import SLOW_CPU_HINT, slow_cpu_build
+
+    if slow_cpu_build(m):
+        typer.echo("note: " + SLOW_CPU_HINT, err=True)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ class Device:
     type: str  # "cpu", "gpu", "igpu" or "accel"
     memory_free: int  # bytes
     memory_total: int  # bytes
+    features: tuple[str, ...] = ()  # the backend's build features, e.g. ("AVX2", "LLAMAFILE", "REPACK")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,6 +41,7 @@ def devices() -> list[Device]:
                 type=_DEVICE_TYPES.get(int(info.type), "cpu"),
                 memory_free=int(info.memory_free),
                 memory_total=int(info.memory_total),
+                features=tuple(nat.string(info.features).split()),
             )
         )
     return out

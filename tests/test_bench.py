@@ -22,6 +22,12 @@ def test_bench_json(converted: dict[str, Path]) -> None:
     assert step["forward"]["median_ms"] > 0 and step["sampler"]["median_ms"] > 0
     assert abs(sum(step["share"].values()) - 1.0) < 1e-9
     assert data["prefill_tok_per_s"] > 0 and data["peak_rss_bytes"] > 10 * 2**20
+    assert data["sc_top_k"] == 0
+    # the CPU backend reports how ggml was built (what decides whether its tiled matmuls are there)
+    import ggml
+
+    assert ("AVX2" in data["ggml_features"]) == bool(ggml.ggml_cpu_has_avx2())
+    assert ("LLAMAFILE" in data["ggml_features"]) == bool(ggml.ggml_cpu_has_llamafile())
     assert data["model"]["n_layer"] == 6 and data["prompt_tokens"] == 20
 
 
@@ -29,5 +35,9 @@ def test_bench_table(converted: dict[str, Path]) -> None:
     r = subprocess.run([sys.executable, "-m", "pydgemma", "bench", "-m", str(converted["f32"]), "--steps", "2",
                         "--repeat", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    for label in ("prefill", "denoise step: forward", "self-conditioning", "sampler", "tokens per forward", "peak RSS"):
+    for label in ("prefill", "denoise step: forward", "self-conditioning", "sampler", "tokens per forward", "peak RSS",
+                  "ggml features"):
         assert label in r.stdout
+    import ggml
+
+    assert ("-DGGML_LLAMAFILE=ON" in r.stderr) == (not ggml.ggml_cpu_has_llamafile())

@@ -72,6 +72,8 @@ typedef struct dg_device_info {
     dg_device_type type;
     uint64_t       memory_free;  /* bytes */
     uint64_t       memory_total; /* bytes */
+    const char *   features;     /* the backend's build features, space-separated, e.g.
+                                    "AVX2 AVX512 LLAMAFILE REPACK OPENMP" ("" when it reports none) */
 } dg_device_info;
 
 DG_API size_t    dg_device_count(void);

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cctype>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -60,6 +61,29 @@ size_t device_count() {
     return ggml_backend_dev_count();
 }
 
+// "NAME" for each feature ggml reports as "1", "NAME=value" for the others; cached per registry so
+// the string outlives the call.
+static const char * backend_features(ggml_backend_reg_t reg) {
+    static std::mutex                                  mutex;
+    static std::map<ggml_backend_reg_t, std::string>   cache;
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = cache.find(reg);
+    if (it == cache.end()) {
+        std::string text;
+        auto get = reg ? reinterpret_cast<ggml_backend_get_features_t>(ggml_backend_reg_get_proc_address(reg, "ggml_backend_get_features"))
+                       : nullptr;
+        for (ggml_backend_feature * f = get ? get(reg) : nullptr; f != nullptr && f->name != nullptr; ++f) {
+            text += text.empty() ? "" : " ";
+            text += f->name;
+            if (f->value != nullptr && std::string(f->value) != "1") {
+                text += std::string("=") + f->value;
+            }
+        }
+        it = cache.emplace(reg, std::move(text)).first;
+    }
+    return it->second.c_str();
+}
+
 dg_device_info device_info(size_t index) {
     ensure_backends();
     if (index >= ggml_backend_dev_count()) {
@@ -76,6 +100,7 @@ dg_device_info device_info(size_t index) {
     ggml_backend_dev_memory(dev, &free, &total);
     info.memory_free  = free;
     info.memory_total = total;
+    info.features     = backend_features(reg);
     return info;
 }
 
