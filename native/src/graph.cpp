@@ -168,7 +168,9 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
                 break;  // the encoder's last layer only has to fill the cache
             }
         }
-        ggml_tensor * kq = ggml_mul_mat(ctx, ggml_permute(ctx, k_all, 0, 2, 1, 3), ggml_permute(ctx, q, 0, 2, 1, 3));
+        // Contiguous operands let ggml's tiled matmul (llamafile) take the scores; the copies are small.
+        ggml_tensor * kq = ggml_mul_mat(ctx, ggml_cont(ctx, ggml_permute(ctx, k_all, 0, 2, 1, 3)),
+                                        ggml_cont(ctx, ggml_permute(ctx, q, 0, 2, 1, 3)));
         ggml_tensor * mask = encode ? (L.is_sliding ? io.mask_swa : io.mask_full) : nullptr;
         kq = ggml_soft_max_ext(ctx, kq, mask, kq_scale, 0.0f);
         ggml_tensor * v_t = ggml_cont(ctx, ggml_permute(ctx, v_all, 1, 2, 0, 3));  // [T, hd, nkv]
