@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -43,6 +44,8 @@ def _root() -> None:
       pydgemma-quantize imatrix -m dg-bf16.gguf -f calibration.txt -o imatrix.gguf
 
       pydgemma-quantize quantize dg-bf16.gguf -o dg-IQ4_XS.gguf -t Q4_K_M --imatrix imatrix.gguf --tensor-type 'exps=IQ4_XS'
+
+      pydgemma-quantize drift --ref dg-bf16.gguf -m dg-Q4_K_M.gguf -o drift.json --baseline thresholds.json
     """
 
 
@@ -214,6 +217,123 @@ def imatrix_cmd(
     if not quiet:
         typer.echo(f"wrote {output}: {len(im.entries)} entries, {im.chunk_count} chunks of {im.chunk_size} tokens, "
                         f"{time.monotonic() - started:.1f} s")
+
+
+@app.command("drift")
+def drift_cmd(
+    model: Path = typer.Option(..., "--model", "-m", help="The quantized model (.gguf) to measure.", show_default=False),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="The reference model (.gguf), e.g. the F32 or BF16 file "
+                                       "MODEL was quantized from.", show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="The JSON report to write.", show_default=False),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts, one per line (rendered with the chat "
+                                           "template). Default: the demo's Sudoku puzzles for the demo model, else "
+                                           "a few built-in prompts.", show_default=False),
+    canvases: Optional[int] = typer.Option(None, "--canvases", help="Canvases to measure in all. Default: 32.",
+                                           show_default=False),
+    per_prompt: Optional[int] = typer.Option(None, "--canvases-per-prompt", help="Canvases generated per prompt (the "
+                                             "reference's answer is committed between them). Default: 1.",
+                                             show_default=False),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed of the first prompt (prompt i uses seed + i). "
+                                       "Default: 0.", show_default=False),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps per canvas at most (default: the "
+                                        "reference's diffusion.eb_max_steps).", show_default=False),
+    prompt_positions: Optional[int] = typer.Option(None, "--prompt-positions", help="Prompt prefixes probed per prompt "
+                                                   "for the prompt-side next-token KL (0: none). Default: 4.",
+                                                   show_default=False),
+    buckets: int = typer.Option(8, "--position-buckets", help="Canvas position buckets of the per-position KL."),
+    task: str = typer.Option("auto", "--task", help="auto (the demo's Sudoku when the demo model is measured without "
+                             "--prompts), sudoku4 or none."),
+    save_ref: Optional[Path] = typer.Option(None, "--save-ref", help="Store the reference run (.npz) for --ref-cache.",
+                                            show_default=False),
+    ref_cache: Optional[Path] = typer.Option(None, "--ref-cache", help="Replay a stored reference run instead of "
+                                             "running --ref (its prompts, seed and settings are used).",
+                                             show_default=False),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Thresholds (JSON) to gate on: exit status 1 "
+                                            "when any is exceeded.", show_default=False),
+    baseline_key: Optional[str] = typer.Option(None, "--baseline-key", help="The threshold set to use when the "
+                                               "baseline has several (\"models\": {KEY: {...}}).", show_default=False),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the summary as Markdown (for CI logs).",
+                                            show_default=False),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw KL per step and per canvas position (.png; needs "
+                                        "matplotlib: pip install 'pydgemma[plot]').", show_default=False),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or a device name."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
+) -> None:
+    """Measure how far a quantized model drifts from its reference, as a diffusion model degrades.
+
+    The reference runs real generations (prompt, every denoising step, commits between canvases).
+    The model under test is teacher-forced on the same inputs (prompt, canvas and
+    self-conditioning input of every step) and compared: KL(ref || model) of the processed
+    distributions (overall, per denoising step, per canvas position bucket), top-1 agreement and
+    the Jaccard overlap of the sampler's accept sets. Both also run freely with the same seed:
+    final canvas agreement, steps per canvas to converge, tokens per forward. Also: a prompt-side
+    next-token KL, and the Sudoku accuracy when the demo model is measured.
+
+    With --baseline, exits 1 when a threshold (max_mean_kl, min_top1, max_steps_increase_pct, ...)
+    is exceeded, naming it; usage errors exit 2.
+
+    Examples:
+
+      pydgemma-quantize drift --ref dg-f32.gguf -m dg-Q4_K_M.gguf -o drift.json
+
+      pydgemma-quantize drift --ref dg-f32.gguf -m dg-Q8_0.gguf -o q8.json --save-ref ref.npz
+
+      pydgemma-quantize drift --ref-cache ref.npz -m dg-Q4_K_M.gguf -o q4.json --baseline base.json --baseline-key Q4_K_M
+    """
+    from .drift import DriftUsageError, check, load_baseline, measure, read_prompts
+    from .drift_report import markdown as render_markdown
+    from .drift_report import plot as draw_plot
+    from .drift_report import print_summary, verdict
+
+    try:
+        for path, flag in ((model, "--model"), (ref, "--ref"), (ref_cache, "--ref-cache"), (prompts, "--prompts"),
+                           (baseline, "--baseline")):
+            if path is not None and not path.is_file():
+                raise DriftUsageError(f"{flag}: no such file '{path}'")
+        for path, flag in ((out, "--out"), (markdown, "--markdown"), (plot, "--plot"), (save_ref, "--save-ref")):
+            if path is not None and not path.resolve().parent.is_dir():
+                raise DriftUsageError(f"{flag}: the folder of '{path}' does not exist")
+        if plot is not None:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise DriftUsageError("--plot needs matplotlib: pip install 'pydgemma[plot]'") from None
+        thresholds = load_baseline(baseline, baseline_key) if baseline is not None else None
+        if baseline is None and baseline_key is not None:
+            raise DriftUsageError("--baseline-key needs --baseline")
+        prompt_list = read_prompts(prompts) if prompts is not None else None
+        console = Console(stderr=True)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=console, disable=quiet or not console.is_terminal) as bar:
+            job = bar.add_task("prompts", total=None)
+
+            def report_progress(done: int, total: int) -> None:
+                bar.update(job, completed=done, total=total)
+
+            report = measure(model, ref_path=ref, ref_cache=ref_cache, save_ref=save_ref, prompts=prompt_list, task=task,
+                             canvases=canvases, canvases_per_prompt=per_prompt, seed=seed, max_steps=steps,
+                             probe_positions=prompt_positions, position_buckets=buckets, device=device,
+                             n_threads=threads, progress=report_progress)
+        checks = check(report, thresholds) if thresholds is not None else []
+    except DriftUsageError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if thresholds is not None:
+        report["gate"] = {"baseline": str(baseline), "key": baseline_key, "passed": all(c.ok for c in checks),
+                          "checks": [vars(c) for c in checks]}
+    try:
+        out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        if markdown is not None:
+            markdown.write_text(render_markdown(report, checks), encoding="utf-8")
+        if plot is not None:
+            draw_plot(report, plot)
+    except OSError as exc:
+        raise ConversionError(f"cannot write the report: {exc}") from exc
+    if not quiet:
+        print_summary(report, checks, Console())
+    if any(not c.ok for c in checks):
+        typer.echo(f"error: {verdict(checks)}", err=True)
+        raise typer.Exit(1)
 
 
 def _terminate(signum: int, frame: object) -> None:
