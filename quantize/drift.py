@@ -206,6 +206,8 @@ def measure(model_path: str | os.PathLike[str], *, ref_path: str | os.PathLike[s
         raise DriftUsageError("give the reference as --ref REF.gguf or --ref-cache REF.npz (one of them)")
     if save_ref is not None and ref_cache is not None:
         raise DriftUsageError("--save-ref stores a new reference run; it cannot be used with --ref-cache")
+    if position_buckets < 1:
+        raise DriftUsageError(f"--position-buckets must be at least 1, got {position_buckets}")
     with Model(model_path, device=device, n_threads=n_threads) as model:
         if ref_cache is not None:
             cache = _load_cache(ref_cache, model, prompts=prompts, task=task, canvases=canvases,

@@ -328,6 +328,8 @@ def test_plot_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
     (("--ref", "DEMO", "--canvases", "0"), "--canvases must be at least 1"),
     (("--ref", "DEMO", "--canvases", "3", "--canvases-per-prompt", "2"), "must be a multiple of --canvases-per-prompt"),
     (("--ref", "DEMO", "--task", "chess"), "--task must be auto, sudoku4 or none"),
+    (("--ref", "DEMO", "--position-buckets", "0"), "--position-buckets must be at least 1"),
+    (("--ref", "DEMO", "--out", "/nonexistent/dir/r.json"), "--out: the folder of '/nonexistent/dir/r.json' does not exist"),
     (("--ref", "DEMO", "--baseline-key", "Q8_0"), "--baseline-key needs --baseline"),
     (("--ref", "nowhere.gguf"), "--ref: no such file 'nowhere.gguf'"),
     (("--ref-cache", "DEMO"), "is not a drift reference cache"),
