@@ -256,12 +256,15 @@ void Context::drop_graph() {
     graph_key_ = 0;
 }
 
-void Context::run(const ForwardShape & shape, const int32_t * tokens, const float * sc_logits, float * out) {
+void Context::run(const ForwardShape & requested, const int32_t * tokens, const float * sc_logits, float * out) {
     const dg_hparams & hp = model_.hparams();
+    ForwardShape       shape = requested;
     // Denoising steps of one canvas share a shape: the graph and its allocation are built once and
     // reused; only the inputs change.
+    shape.ggml_matmuls_only = collecting_imatrix_;
     const uint64_t key = (static_cast<uint64_t>(shape.pass == Pass::DECODE) << 63) |
-                         (static_cast<uint64_t>(shape.self_cond) << 62) | (static_cast<uint64_t>(shape.n_tokens) << 31) |
+                         (static_cast<uint64_t>(shape.self_cond) << 62) |
+                         (static_cast<uint64_t>(shape.ggml_matmuls_only) << 61) | (static_cast<uint64_t>(shape.n_tokens) << 31) |
                          shape.n_past;
     if (key != graph_key_) {
         drop_graph();
@@ -336,9 +339,13 @@ void Context::imatrix_start() {
     }
     // With a callback the scheduler computes node by node, reading back each selected product.
     ggml_backend_sched_set_eval_callback(sched_, &ImatrixCollector::callback, imatrix_.get());
+    collecting_imatrix_ = true;
 }
 
-void Context::imatrix_stop() { ggml_backend_sched_set_eval_callback(sched_, nullptr, nullptr); }
+void Context::imatrix_stop() {
+    ggml_backend_sched_set_eval_callback(sched_, nullptr, nullptr);
+    collecting_imatrix_ = false;
+}
 
 void Context::imatrix_clear() {
     if (imatrix_ != nullptr) {

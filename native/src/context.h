@@ -65,6 +65,7 @@ private:
     KvCache                     cache_;
     uint32_t                    n_batch_ = 512;
     uint32_t                    sc_top_k_ = 0;  // 0: exact self-conditioning
+    bool                        collecting_imatrix_ = false;  // graphs then use ggml's matmul ops only
     int32_t                     n_threads_ = 1;
     uint32_t                    n_past_ = 0;
     std::vector<uint8_t>        graph_mem_;        // metadata of the graph being run (and reused)

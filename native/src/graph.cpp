@@ -1,6 +1,7 @@
 #include "graph.h"
 
 #include "cpu_activations.h"
+#include "cpu_moe_q8.h"
 #include "error.h"
 #include "gguf_model.h"
 #include "kv_cache.h"
@@ -19,7 +20,12 @@ struct Builder {
     ggml_context *     ctx;
     const GgufModel &  model;
     const dg_hparams & hp;
-    bool               cpu;  // the graph runs on the CPU backend: use our vectorised activations
+    bool               cpu;       // the graph runs on the CPU backend: use our vectorised activations
+    bool               own_moe;   // our Q8_0 expert kernel may replace ggml_mul_mat_id
+
+    ggml_tensor * experts_matmul(ggml_tensor * w, ggml_tensor * x, ggml_tensor * ids) const {
+        return own_moe && cpu_moe_q8_0_applies(w) ? cpu_moe_q8_0(ctx, w, x, ids) : ggml_mul_mat_id(ctx, w, x, ids);
+    }
 
     ggml_tensor * w(const std::string & name) const {
         ggml_tensor * t = model.weight(name);
@@ -65,7 +71,8 @@ uint32_t swa_kv_start(uint32_t n_past, uint32_t sliding_window) {
 ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufModel & model, const KvCache & cache,
                              const ForwardShape & shape, ggml_tensor * embd_t) {
     const dg_hparams & hp = model.hparams();
-    Builder            b{ctx, model, hp, ggml_backend_dev_type(model.device()) == GGML_BACKEND_DEVICE_TYPE_CPU};
+    const bool         cpu = ggml_backend_dev_type(model.device()) == GGML_BACKEND_DEVICE_TYPE_CPU;
+    Builder            b{ctx, model, hp, cpu, cpu && !shape.ggml_matmuls_only};
     ForwardTensors     io;
     const bool         encode = shape.pass == Pass::ENCODE;
     const int64_t      n      = shape.n_tokens;
@@ -201,16 +208,16 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
         ggml_tensor * gate;
         ggml_tensor * up;
         if (ggml_tensor * gate_up = b.w_or_null(p + "ffn_gate_up_exps.weight")) {
-            ggml_tensor * gu = ggml_mul_mat_id(ctx, gate_up, x2, experts);  // [2 * n_ff_exp, k, n]
+            ggml_tensor * gu = b.experts_matmul(gate_up, x2, experts);  // [2 * n_ff_exp, k, n]
             gate = ggml_cont(ctx, ggml_view_3d(ctx, gu, hp.n_ff_exp, hp.n_expert_used, n, gu->nb[1], gu->nb[2], 0));
             up   = ggml_cont(ctx, ggml_view_3d(ctx, gu, hp.n_ff_exp, hp.n_expert_used, n, gu->nb[1], gu->nb[2],
                                               gu->nb[0] * hp.n_ff_exp));
         } else {
-            gate = ggml_mul_mat_id(ctx, b.w(p + "ffn_gate_exps.weight"), x2, experts);
-            up   = ggml_mul_mat_id(ctx, b.w(p + "ffn_up_exps.weight"), x2, experts);
+            gate = b.experts_matmul(b.w(p + "ffn_gate_exps.weight"), x2, experts);
+            up   = b.experts_matmul(b.w(p + "ffn_up_exps.weight"), x2, experts);
         }
         ggml_tensor * act  = ggml_mul(ctx, b.gelu(gate), up);
-        ggml_tensor * down = ggml_mul_mat_id(ctx, b.w(p + "ffn_down_exps.weight"), act, experts);  // [n_embd, k, n]
+        ggml_tensor * down = b.experts_matmul(b.w(p + "ffn_down_exps.weight"), act, experts);  // [n_embd, k, n]
         down = ggml_mul(ctx, down, ggml_reshape_3d(ctx, weights, 1, hp.n_expert_used, n));
         ggml_tensor * y = ggml_view_2d(ctx, down, hp.n_embd, n, down->nb[2], 0);
         for (uint32_t j = 1; j < hp.n_expert_used; ++j) {

@@ -23,6 +23,7 @@ struct ForwardShape {
     uint32_t n_past = 0;     // tokens already in the cache
     bool     self_cond = false;
     uint32_t sc_top_k = 0;   // self-conditioning over each row's top k tokens only (0 = exact)
+    bool     ggml_matmuls_only = false;  // no custom matmul ops (the imatrix collector watches ggml's)
 };
 
 // Inputs the caller fills after allocation, and the output.

@@ -1,0 +1,16 @@
+// Routed-expert products for Q8_0 experts on x86 CPUs with AVX-512 VNNI (ggml custom ops).
+#pragma once
+
+struct ggml_context;
+struct ggml_tensor;
+
+namespace dg {
+
+// Whether cpu_moe_q8_0 can take these expert weights here: Q8_0 [K, M, E], and a CPU with
+// AVX-512 VNNI (DGEMMA_NO_MOE_KERNEL=1 in the environment turns it off, for comparisons).
+bool cpu_moe_q8_0_applies(const ggml_tensor * w);
+
+// ggml_mul_mat_id(w, x, ids) for such weights: [M, n_used, n_tokens] F32.
+ggml_tensor * cpu_moe_q8_0(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * ids);
+
+}  // namespace dg
