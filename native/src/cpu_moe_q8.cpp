@@ -1,7 +1,7 @@
-// Routed experts with Q8_0 weights on x86 CPUs with AVX-512 VNNI, as two ggml custom ops.
+// Q8_0 matmuls (dense, and routed experts) on x86 CPUs with AVX-512 VNNI, as ggml custom ops.
 //
-// ggml's mul_mat_id takes one (row, token) dot product at a time, so a denoise step spent ~30 % of
-// its time there. Here the tokens routed to each expert are gathered and multiplied in 4 x 4
+// Without llamafile's tiles ggml takes one (row, token) dot product at a time (and mul_mat_id always
+// does): a denoise step spent ~30 % of its time in mul_mat_id alone. Here the tokens routed to each expert are gathered and multiplied in 4 x 4
 // register tiles: per 32-value block, one VPDPBUSD per (row, token) pair, with the 8-bit
 // activations offset to unsigned (x + 128) and the offset's contribution (128 * sum w, per lane)
 // taken off the accumulator up front, so every integer dot product is exact. The float math per
@@ -209,6 +209,37 @@ DG_VNNI_TARGET void experts(ggml_tensor * dst, int ith, int nth, void * /*userda
     }
 }
 
+// A dense product: out[M, N] = W[K, M]^T xq[K, N], in blocks of 16 rows dealt round-robin.
+DG_VNNI_TARGET void dense(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
+    const ggml_tensor * w  = dst->src[0];  // Q8_0 [K, M]
+    const ggml_tensor * xq = dst->src[1];  // Q8_0 [K, N]
+    const int64_t M = w->ne[1], N = xq->ne[1], nb = w->ne[0] / kBlock;
+    thread_local std::vector<const BlockQ8 *> xcols;
+    thread_local std::vector<float *>         ocols;
+    xcols.resize(static_cast<size_t>(N));
+    ocols.resize(static_cast<size_t>(N));
+    for (int64_t t = 0; t < N; ++t) {
+        xcols[static_cast<size_t>(t)] = reinterpret_cast<const BlockQ8 *>(static_cast<const char *>(xq->data) + t * xq->nb[1]);
+        ocols[static_cast<size_t>(t)] = reinterpret_cast<float *>(static_cast<char *>(dst->data) + t * dst->nb[1]);
+    }
+    constexpr int64_t kRows = 16;
+    const BlockQ8 *   wrows[4];
+    for (int64_t rb = ith; rb * kRows < M; rb += nth) {
+        const int64_t row_end = std::min(M, (rb + 1) * kRows);
+        int64_t       row     = rb * kRows;
+        for (; row + 4 <= row_end; row += 4) {
+            for (int i = 0; i < 4; ++i) {
+                wrows[i] = reinterpret_cast<const BlockQ8 *>(static_cast<const char *>(w->data) + (row + i) * w->nb[1]);
+            }
+            row_tile<4>(wrows, xcols.data(), N, nb, ocols.data(), row);
+        }
+        for (; row < row_end; ++row) {
+            wrows[0] = reinterpret_cast<const BlockQ8 *>(static_cast<const char *>(w->data) + row * w->nb[1]);
+            row_tile<1>(wrows, xcols.data(), N, nb, ocols.data(), row);
+        }
+    }
+}
+
 bool cpu_has_vnni() {
     static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") &&
@@ -222,22 +253,42 @@ bool cpu_has_vnni() { return false; }
 
 void experts(ggml_tensor *, int, int, void *) {}
 
+void dense(ggml_tensor *, int, int, void *) {}
+
 #endif
 
 }  // namespace
 
 bool cpu_moe_q8_0_applies(const ggml_tensor * w) {
-    return w->type == GGML_TYPE_Q8_0 && ggml_n_dims(w) == 3 && w->ne[0] % kBlock == 0 && cpu_has_vnni() &&
-           std::getenv("DGEMMA_NO_MOE_KERNEL") == nullptr;
+    return w->type == GGML_TYPE_Q8_0 && ggml_n_dims(w) == 3 && w->ne[0] % kBlock == 0 && cpu_has_vnni();
 }
 
-ggml_tensor * cpu_moe_q8_0(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * ids) {
+namespace {
+
+ggml_tensor * quantized_activations(ggml_context * ctx, ggml_tensor * x) {
     if (x->type != GGML_TYPE_F32 || !ggml_is_contiguous(x)) {
         x = ggml_cont(ctx, ggml_cast(ctx, x, GGML_TYPE_F32));
     }
-    ggml_tensor * args_q[1] = {x};
-    ggml_tensor * xq = ggml_custom_4d(ctx, GGML_TYPE_Q8_0, x->ne[0], x->ne[1], x->ne[2], 1, args_q, 1, quantize_rows,
-                                      GGML_N_TASKS_MAX, nullptr);
+    ggml_tensor * args[1] = {x};
+    return ggml_custom_4d(ctx, GGML_TYPE_Q8_0, x->ne[0], x->ne[1], x->ne[2], x->ne[3], args, 1, quantize_rows,
+                          GGML_N_TASKS_MAX, nullptr);
+}
+
+}  // namespace
+
+bool cpu_matmul_q8_0_applies(const ggml_tensor * w, const ggml_tensor * x) {
+    return w->type == GGML_TYPE_Q8_0 && ggml_n_dims(w) == 2 && ggml_n_dims(x) <= 2 && w->ne[0] % kBlock == 0 &&
+           cpu_has_vnni();
+}
+
+ggml_tensor * cpu_matmul_q8_0(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
+    ggml_tensor * xq      = quantized_activations(ctx, x);
+    ggml_tensor * args[2] = {w, xq};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], x->ne[1], 1, 1, args, 2, dense, GGML_N_TASKS_MAX, nullptr);
+}
+
+ggml_tensor * cpu_moe_q8_0(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * ids) {
+    ggml_tensor * xq = quantized_activations(ctx, x);
     ggml_tensor * args[3] = {w, xq, ids};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], ids->ne[0], ids->ne[1], 1, args, 3, experts, GGML_N_TASKS_MAX,
                           nullptr);

@@ -2,6 +2,7 @@
 
 #include "cpu_activations.h"
 #include "cpu_moe_q8.h"
+#include "cpu_self_cond.h"
 #include "error.h"
 #include "gguf_model.h"
 #include "kv_cache.h"
@@ -10,6 +11,7 @@
 #include "ggml.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
 namespace dg {
@@ -21,10 +23,14 @@ struct Builder {
     const GgufModel &  model;
     const dg_hparams & hp;
     bool               cpu;       // the graph runs on the CPU backend: use our vectorised activations
-    bool               own_moe;   // our Q8_0 expert kernel may replace ggml_mul_mat_id
+    bool               own_mm;    // our CPU matmul kernels may replace ggml_mul_mat / ggml_mul_mat_id
 
+    // weight [K, M] times activations [K, N]
+    ggml_tensor * matmul(ggml_tensor * w, ggml_tensor * x) const {
+        return own_mm && cpu_matmul_q8_0_applies(w, x) ? cpu_matmul_q8_0(ctx, w, x) : ggml_mul_mat(ctx, w, x);
+    }
     ggml_tensor * experts_matmul(ggml_tensor * w, ggml_tensor * x, ggml_tensor * ids) const {
-        return own_moe && cpu_moe_q8_0_applies(w) ? cpu_moe_q8_0(ctx, w, x, ids) : ggml_mul_mat_id(ctx, w, x, ids);
+        return own_mm && cpu_moe_q8_0_applies(w) ? cpu_moe_q8_0(ctx, w, x, ids) : ggml_mul_mat_id(ctx, w, x, ids);
     }
 
     ggml_tensor * w(const std::string & name) const {
@@ -56,8 +62,8 @@ struct Builder {
     }
 
     ggml_tensor * gated_mlp(ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down) const {
-        ggml_tensor * g = gelu(ggml_mul_mat(ctx, gate, x));
-        return ggml_mul_mat(ctx, down, ggml_mul(ctx, g, ggml_mul_mat(ctx, up, x)));
+        ggml_tensor * g = gelu(matmul(gate, x));
+        return matmul(down, ggml_mul(ctx, g, matmul(up, x)));
     }
 };
 
@@ -72,7 +78,9 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
                              const ForwardShape & shape, ggml_tensor * embd_t) {
     const dg_hparams & hp = model.hparams();
     const bool         cpu = ggml_backend_dev_type(model.device()) == GGML_BACKEND_DEVICE_TYPE_CPU;
-    Builder            b{ctx, model, hp, cpu, cpu && !shape.ggml_matmuls_only};
+    // DGEMMA_NO_CPU_KERNELS=1 keeps ggml's own matmuls everywhere (for comparisons and bisecting).
+    const bool         own_mm = cpu && !shape.ggml_matmuls_only && std::getenv("DGEMMA_NO_CPU_KERNELS") == nullptr;
+    Builder            b{ctx, model, hp, cpu, own_mm};
     ForwardTensors     io;
     const bool         encode = shape.pass == Pass::ENCODE;
     const int64_t      n      = shape.n_tokens;
@@ -100,7 +108,9 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
             ggml_set_input(io.sc_logits);
             ggml_tensor * mixed = nullptr;  // sum_v softmax(sc)_v E[v], [n_embd, n]
             if (shape.sc_top_k == 0) {
-                mixed = ggml_mul_mat(ctx, embd_t, ggml_soft_max(ctx, io.sc_logits));
+                ggml_tensor * probs = ggml_soft_max(ctx, io.sc_logits);
+                mixed = b.own_mm && cpu_self_cond_mix_applies(embd_t, probs) ? cpu_self_cond_mix(ctx, embd_t, probs)
+                                                                              : ggml_mul_mat(ctx, embd_t, probs);
             } else {
                 // Approximate: the k largest logits per row, softmax over those only, and the
                 // matching embedding rows mixed with a batched [k] x [n_embd, k] product.
@@ -136,9 +146,9 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
 
         // 3.2 attention
         ggml_tensor * a     = b.rms(h, b.w(p + "attn_norm.weight"));
-        ggml_tensor * q     = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, b.w(p + "attn_q.weight"), a), hd, hp.n_head, n);
-        ggml_tensor * k_raw = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, b.w(p + "attn_k.weight"), a), hd, nkv, n);
-        ggml_tensor * v = L.has_v_proj ? ggml_reshape_3d(ctx, ggml_mul_mat(ctx, b.w(p + "attn_v.weight"), a), hd, nkv, n)
+        ggml_tensor * q     = ggml_reshape_3d(ctx, b.matmul(b.w(p + "attn_q.weight"), a), hd, hp.n_head, n);
+        ggml_tensor * k_raw = ggml_reshape_3d(ctx, b.matmul(b.w(p + "attn_k.weight"), a), hd, nkv, n);
+        ggml_tensor * v = L.has_v_proj ? ggml_reshape_3d(ctx, b.matmul(b.w(p + "attn_v.weight"), a), hd, nkv, n)
                                        : k_raw;  // full layers: V is the raw K projection
         q = b.rms(q, b.w(p + "attn_q_norm.weight"));
         ggml_tensor * k = b.rms(k_raw, b.w(p + "attn_k_norm.weight"));
@@ -183,7 +193,7 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
         ggml_tensor * v_t = ggml_cont(ctx, ggml_permute(ctx, v_all, 1, 2, 0, 3));  // [T, hd, nkv]
         ggml_tensor * att = ggml_mul_mat(ctx, v_t, kq);                            // [hd, n, n_head]
         att = ggml_cont_2d(ctx, ggml_permute(ctx, att, 0, 2, 1, 3), hd * hp.n_head, n);
-        ggml_tensor * o = ggml_mul_mat(ctx, b.w(p + "attn_output.weight"), att);
+        ggml_tensor * o = b.matmul(b.w(p + "attn_output.weight"), att);
         ggml_tensor * r = ggml_add(ctx, h, b.rms(o, b.w(p + "post_attention_norm.weight")));
 
         // 3.2.5 dense MLP
@@ -233,7 +243,7 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
     if (!encode) {
         // 3.3 output: final norm, tied (or separate) head, softcap
         ggml_tensor * head = b.w_or_null("output.weight");
-        ggml_tensor * logits = ggml_mul_mat(ctx, head != nullptr ? head : token_embd, b.rms(x, b.w("output_norm.weight")));
+        ggml_tensor * logits = b.matmul(head != nullptr ? head : token_embd, b.rms(x, b.w("output_norm.weight")));
         if (hp.final_logit_softcap > 0.0f && b.cpu) {
             logits = cpu_softcap(ctx, logits, hp.final_logit_softcap);
         } else if (hp.final_logit_softcap > 0.0f) {
