@@ -1,7 +1,6 @@
 #include "graph.h"
 
 #include "cpu_activations.h"
-#include "cpu_gemm_f32.h"
 #include "cpu_moe_q8.h"
 #include "cpu_self_cond.h"
 #include "error.h"
@@ -29,10 +28,6 @@ struct Builder {
     // weight [K, M] times activations [K, N]
     ggml_tensor * matmul(ggml_tensor * w, ggml_tensor * x) const {
         return own_mm && cpu_matmul_q8_0_applies(w, x) ? cpu_matmul_q8_0(ctx, w, x) : ggml_mul_mat(ctx, w, x);
-    }
-    // activations times activations (attention): contiguous F32 operands
-    ggml_tensor * activations_matmul(ggml_tensor * a, ggml_tensor * x) const {
-        return own_mm && cpu_matmul_f32_applies(a, x) ? cpu_matmul_f32(ctx, a, x) : ggml_mul_mat(ctx, a, x);
     }
     ggml_tensor * experts_matmul(ggml_tensor * w, ggml_tensor * x, ggml_tensor * ids) const {
         return own_mm && cpu_moe_q8_0_applies(w) ? cpu_moe_q8_0(ctx, w, x, ids) : ggml_mul_mat_id(ctx, w, x, ids);
@@ -191,12 +186,12 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
             }
         }
         // Contiguous operands let ggml's tiled matmul (llamafile) take the scores; the copies are small.
-        ggml_tensor * kq = b.activations_matmul(ggml_cont(ctx, ggml_permute(ctx, k_all, 0, 2, 1, 3)),
-                                                ggml_cont(ctx, ggml_permute(ctx, q, 0, 2, 1, 3)));
+        ggml_tensor * kq = ggml_mul_mat(ctx, ggml_cont(ctx, ggml_permute(ctx, k_all, 0, 2, 1, 3)),
+                                        ggml_cont(ctx, ggml_permute(ctx, q, 0, 2, 1, 3)));
         ggml_tensor * mask = encode ? (L.is_sliding ? io.mask_swa : io.mask_full) : nullptr;
         kq = ggml_soft_max_ext(ctx, kq, mask, kq_scale, 0.0f);
         ggml_tensor * v_t = ggml_cont(ctx, ggml_permute(ctx, v_all, 1, 2, 0, 3));  // [T, hd, nkv]
-        ggml_tensor * att = b.activations_matmul(v_t, kq);                            // [hd, n, n_head]
+        ggml_tensor * att = ggml_mul_mat(ctx, v_t, kq);                            // [hd, n, n_head]
         att = ggml_cont_2d(ctx, ggml_permute(ctx, att, 0, 2, 1, 3), hd * hp.n_head, n);
         ggml_tensor * o = b.matmul(b.w(p + "attn_output.weight"), att);
         ggml_tensor * r = ggml_add(ctx, h, b.rms(o, b.w(p + "post_attention_norm.weight")));
