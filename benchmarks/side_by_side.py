@@ -26,6 +26,8 @@ import dataclasses
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -153,6 +155,30 @@ def step_cost(hp: dict, n_prefix: int, files: dict[str, Path]) -> dict:
     return {"gflop": 2 * macs * C / 1e9, "weight_bytes": {t: p.stat().st_size for t, p in files.items()}}
 
 
+def run_engine(args: argparse.Namespace) -> None:
+    """One engine's figures as one JSON line on stdout (the child side of main)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = args.work
+    files = {t: work / f"model-{t}.gguf" for t in args.types}
+    import pydgemma
+
+    V = pydgemma.Model(next(iter(files.values()))).hparams["n_vocab"]
+    C = pydgemma.Model(next(iter(files.values()))).hparams["canvas_length"]
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(20, V, args.prompt_tokens)
+    canvas = rng.integers(20, V, C)
+    kind, name = args.engine.split()
+    if kind == "transformers":
+        r = bench_transformers(work / "hf", name, prompt, canvas, canvases=args.canvases, steps=args.steps,
+                               repeat=args.repeat)
+    else:
+        r = bench_pydgemma(files[name], prompt, canvas, canvases=args.canvases, steps=args.steps, repeat=args.repeat,
+                           threads=args.threads)
+    print(json.dumps(r))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=SIZES, default="mid")
@@ -167,7 +193,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both engines (default: physical cores)")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--engine", help=argparse.SUPPRESS)  # internal: measure one engine in this process
     args = ap.parse_args()
+    if args.engine:
+        return run_engine(args)
 
     import torch
 
@@ -187,15 +216,17 @@ def main() -> None:
     prompt = rng.integers(20, V, args.prompt_tokens)
     canvas = rng.integers(20, V, C)
 
+    # Each engine runs in its own process: torch's and ggml's OpenMP threads keep spinning for a while
+    # after their work, and would slow down whichever engine runs next in a shared process.
     results: dict[str, dict] = {}
-    for dt in args.transformers:
-        print(f"transformers {dt} ...", flush=True)
-        results[f"transformers {dt}"] = bench_transformers(ckpt, dt, prompt, canvas, canvases=args.canvases,
-                                                           steps=args.steps, repeat=args.repeat)
-    for t, path in files.items():
-        print(f"pydgemma {t} ...", flush=True)
-        results[f"pydgemma {t}"] = bench_pydgemma(path, prompt, canvas, canvases=args.canvases, steps=args.steps,
-                                                  repeat=args.repeat, threads=threads)
+    engines = [f"transformers {dt}" for dt in args.transformers] + [f"pydgemma {t}" for t in files]
+    for engine in engines:
+        print(f"{engine} ...", flush=True)
+        cmd = [sys.executable, __file__, "--engine", engine, "--size", args.size, "--work", str(work), "--types",
+               *files, "--prompt-tokens", str(args.prompt_tokens), "--canvases", str(args.canvases), "--steps",
+               str(args.steps), "--repeat", str(args.repeat), "--threads", str(threads)]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        results[engine] = json.loads(done.stdout.strip().splitlines()[-1])
 
     roof = machine_roofline(threads)
     cost = step_cost(hp, args.prompt_tokens, files)
