@@ -52,7 +52,8 @@ void quantize_rows(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
             const float * v    = src + b * kBlock;
             float         amax = 0.0f;
             for (int i = 0; i < kBlock; ++i) {
-                amax = std::fmax(amax, std::fabs(v[i]));
+                const float a = std::fabs(v[i]);
+                amax = a > amax ? a : amax;
             }
             const float d  = amax / 127.0f;
             const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
