@@ -258,6 +258,9 @@ def drift_cmd(
                                         "matplotlib: pip install 'pydgemma[plot]').", show_default=False),
     device: str = typer.Option("auto", "--device", help="auto, cpu or a device name."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
+    sc_top_k: int = typer.Option(0, "--sc-top-k", min=0, help="Run the measured model with APPROXIMATE self-conditioning "
+                                 "over each position's k likeliest tokens (the reference stays exact): with --ref and "
+                                 "-m the same file, this measures the approximation alone."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
 ) -> None:
     """Measure how far a quantized model drifts from its reference, as a diffusion model degrades.
@@ -314,7 +317,7 @@ def drift_cmd(
             report = measure(model, ref_path=ref, ref_cache=ref_cache, save_ref=save_ref, prompts=prompt_list, task=task,
                              canvases=canvases, canvases_per_prompt=per_prompt, seed=seed, max_steps=steps,
                              probe_positions=prompt_positions, position_buckets=buckets, device=device,
-                             n_threads=threads, progress=report_progress)
+                             n_threads=threads, progress=report_progress, sc_top_k=sc_top_k)
         checks = check(report, thresholds) if thresholds is not None else []
     except DriftUsageError as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -76,3 +76,17 @@ def test_cli_run_with_top_k(converted: dict[str, Path]) -> None:
     r = subprocess.run([sys.executable, "-m", "pydgemma", "run", "-m", str(converted["f32"]), "-p", "hi",
                         "--sc-top-k", "100000000"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "exceeds the vocabulary" in r.stderr
+
+
+def test_drift_measures_the_approximation(converted: dict[str, Path], tmp_path: Path) -> None:
+    """`pydgemma-quantize drift --sc-top-k K` with the same file as reference and model measures the
+    approximation alone: nothing over the whole vocabulary, something for k = 1."""
+    from pydgemma.quantize.drift import measure
+
+    f32 = converted["f32"]
+    V = pydgemma.Model(f32).hparams["n_vocab"]
+    whole = measure(f32, ref_path=f32, canvases=2, max_steps=3, task="none", sc_top_k=V)
+    assert whole["settings"]["sc_top_k"] == V
+    assert whole["teacher_forced"]["kl"]["max"] < 1e-6 and whole["teacher_forced"]["top1"] == 1.0
+    top1 = measure(f32, ref_path=f32, canvases=2, max_steps=3, task="none", sc_top_k=1)
+    assert top1["teacher_forced"]["kl"]["mean"] > 1e-4
