@@ -101,8 +101,9 @@ def device_features(name: str) -> tuple[str, ...]:
     return next((d.features for d in devices() if d.name == name), ())
 
 
-# ggml-python builds ggml without llamafile's tiled matmuls unless asked; they make CPU matmuls 2-3x faster.
-SLOW_CPU_HINT = ("ggml was built without LLAMAFILE: CPU matmuls run 2-3x slower. Rebuild it with\n"
+# ggml-python builds ggml without llamafile's tiled matmuls unless asked; with them F16 steps run ~1.6x
+# faster and K-quant/Q8_0 steps ~1.05-1.2x (README, "Performance").
+SLOW_CPU_HINT = ("ggml was built without LLAMAFILE: its F16/F32 matmuls run up to 1.6x slower. Rebuild it with\n"
                  "  CMAKE_ARGS=\"-DGGML_LLAMAFILE=ON\" pip install --force-reinstall --no-deps --no-cache-dir ggml-python==0.0.45")
 
 
