@@ -11,6 +11,7 @@
 //   out = [n_rows, n_used, n_tokens]: out[:, j, t] = W[ids[j, t]] @ x[:, j or 0, t]
 #include "cpu_moe_q8.h"
 
+#include "ggml-backend.h"
 #include "ggml.h"
 
 #include <algorithm>
@@ -299,10 +300,6 @@ void dense(ggml_tensor *, int, int, void *) {}
 
 }  // namespace
 
-bool cpu_moe_q8_0_applies(const ggml_tensor * w) {
-    return w->type == GGML_TYPE_Q8_0 && ggml_n_dims(w) == 3 && w->ne[0] % kBlock == 0 && cpu_has_vnni();
-}
-
 namespace {
 
 ggml_tensor * quantized_activations(ggml_context * ctx, ggml_tensor * x) {
@@ -314,11 +311,22 @@ ggml_tensor * quantized_activations(ggml_context * ctx, ggml_tensor * x) {
                           GGML_N_TASKS_MAX, nullptr);
 }
 
+// The weight's bytes are plain Q8_0 blocks in host memory: not re-laid out by a ggml "extra" buffer
+// (ggml's CPU repack sets tensor->extra), not on a device.
+bool plain_host_blocks(const ggml_tensor * w) {
+    return w->extra == nullptr && w->buffer != nullptr && ggml_backend_buffer_is_host(w->buffer);
+}
+
 }  // namespace
+
+bool cpu_moe_q8_0_applies(const ggml_tensor * w) {
+    return w->type == GGML_TYPE_Q8_0 && ggml_n_dims(w) == 3 && w->ne[0] % kBlock == 0 && plain_host_blocks(w) &&
+           cpu_has_vnni();
+}
 
 bool cpu_matmul_q8_0_applies(const ggml_tensor * w, const ggml_tensor * x) {
     return w->type == GGML_TYPE_Q8_0 && ggml_n_dims(w) == 2 && ggml_n_dims(x) <= 2 && w->ne[0] % kBlock == 0 &&
-           cpu_has_vnni();
+           plain_host_blocks(w) && cpu_has_vnni();
 }
 
 ggml_tensor * cpu_matmul_q8_0(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
