@@ -164,8 +164,8 @@ def run_engine(args: argparse.Namespace) -> None:
     files = {t: work / f"model-{t}.gguf" for t in args.types}
     import pydgemma
 
-    V = pydgemma.Model(next(iter(files.values()))).hparams["n_vocab"]
-    C = pydgemma.Model(next(iter(files.values()))).hparams["canvas_length"]
+    hp = pydgemma.Model(next(iter(files.values()))).hparams
+    V, C = hp["n_vocab"], hp["canvas_length"]
     rng = np.random.default_rng(0)
     prompt = rng.integers(20, V, args.prompt_tokens)
     canvas = rng.integers(20, V, C)
@@ -212,9 +212,6 @@ def main() -> None:
     hp = dict(probe.hparams)
     hp["layers"] = [dataclasses.asdict(layer) for layer in probe.layers]
     V, C = hp["n_vocab"], hp["canvas_length"]
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(20, V, args.prompt_tokens)
-    canvas = rng.integers(20, V, C)
 
     # Each engine runs in its own process: torch's and ggml's OpenMP threads keep spinning for a while
     # after their work, and would slow down whichever engine runs next in a shared process.

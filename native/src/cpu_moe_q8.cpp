@@ -11,26 +11,16 @@
 //   out = [n_rows, n_used, n_tokens]: out[:, j, t] = W[ids[j, t]] @ x[:, j or 0, t]
 #include "cpu_moe_q8.h"
 
+#include "cpu_features.h"
+
 #include "ggml-backend.h"
 #include "ggml.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define DG_MOE_Q8_X86 1
-#include <immintrin.h>
-#endif
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's AVX-512 intrinsics fill "don't care" lanes with _mm512_undefined_*(), which its own
-// -Wuninitialized then reports inside the headers.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 namespace dg {
 
@@ -63,7 +53,7 @@ void quantize_row_scalar(const float * src, BlockQ8 * out, int64_t n_blocks) {
     }
 }
 
-#if defined(DG_MOE_Q8_X86)
+#if defined(DG_X86_SIMD)
 // The same with AVX-512: the same products and nearest-even rounding, so the same bytes.
 __attribute__((target("avx512f"))) void quantize_row_avx512(const float * src, BlockQ8 * out, int64_t n_blocks) {
     for (int64_t b = 0; b < n_blocks; ++b) {
@@ -86,15 +76,11 @@ void quantize_rows(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
     const int64_t       rows  = ggml_nrows(x);
     const int64_t       r0    = rows * ith / nth;
     const int64_t       r1    = rows * (ith + 1) / nth;
-#if defined(DG_MOE_Q8_X86)
-    static const bool avx512 = __builtin_cpu_supports("avx512f");
-#else
-    const bool avx512 = false;
-#endif
+    [[maybe_unused]] const bool avx512 = cpu_has_avx512();
     for (int64_t r = r0; r < r1; ++r) {
         const float * src = reinterpret_cast<const float *>(static_cast<const char *>(x->data) + r * x->nb[1]);
         auto *        out = reinterpret_cast<BlockQ8 *>(static_cast<char *>(dst->data) + r * dst->nb[1]);
-#if defined(DG_MOE_Q8_X86)
+#if defined(DG_X86_SIMD)
         if (avx512) {
             quantize_row_avx512(src, out, K / kBlock);
             continue;
@@ -106,7 +92,7 @@ void quantize_rows(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
 
 // ---- the expert products --------------------------------------------------------------------
 
-#if defined(DG_MOE_Q8_X86)
+#if defined(DG_X86_SIMD)
 
 #define DG_VNNI_TARGET __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,f16c,fma")))
 
@@ -280,17 +266,7 @@ DG_VNNI_TARGET void dense(ggml_tensor * dst, int ith, int nth, void * /*userdata
     }
 }
 
-bool cpu_has_vnni() {
-    // Every AVX-512 CPU has F16C (which clang cannot query by name).
-    static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") &&
-                            __builtin_cpu_supports("fma");
-    return has;
-}
-
 #else
-
-bool cpu_has_vnni() { return false; }
 
 void experts(ggml_tensor *, int, int, void *) {}
 
@@ -321,12 +297,12 @@ bool plain_host_blocks(const ggml_tensor * w) {
 
 bool cpu_moe_q8_0_applies(const ggml_tensor * w) {
     return w->type == GGML_TYPE_Q8_0 && ggml_n_dims(w) == 3 && w->ne[0] % kBlock == 0 && plain_host_blocks(w) &&
-           cpu_has_vnni();
+           cpu_has_avx512_vnni();
 }
 
 bool cpu_matmul_q8_0_applies(const ggml_tensor * w, const ggml_tensor * x) {
     return w->type == GGML_TYPE_Q8_0 && ggml_n_dims(w) == 2 && ggml_n_dims(x) <= 2 && w->ne[0] % kBlock == 0 &&
-           plain_host_blocks(w) && cpu_has_vnni();
+           plain_host_blocks(w) && cpu_has_avx512_vnni();
 }
 
 ggml_tensor * cpu_matmul_q8_0(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {

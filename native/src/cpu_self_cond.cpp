@@ -6,28 +6,20 @@
 // register tiles of 16-wide FMAs, with the vocabulary cut into chunks that stay in L2.
 #include "cpu_self_cond.h"
 
+#include "cpu_features.h"
+
 #include "ggml.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define DG_SC_X86 1
-#include <immintrin.h>
-#endif
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's AVX-512 intrinsics fill "don't care" lanes with _mm512_undefined_*(), which its own
-// -Wuninitialized then reports inside the headers.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 namespace dg {
 
 namespace {
 
-#if defined(DG_SC_X86)
+#if defined(DG_X86_SIMD)
 
 #define DG_SC_TARGET __attribute__((target("avx512f,f16c,fma")))
 
@@ -124,18 +116,9 @@ DG_SC_TARGET void mix(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) 
     }
 }
 
-bool cpu_has_avx512() {
-    // Every AVX-512 CPU has F16C (which clang cannot query by name).
-    static const bool has = __builtin_cpu_supports("avx512f") &&
-                            __builtin_cpu_supports("fma");
-    return has;
-}
-
 #else
 
 void mix(ggml_tensor *, int, int, void *) {}
-
-bool cpu_has_avx512() { return false; }
 
 #endif
 

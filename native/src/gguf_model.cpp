@@ -418,12 +418,11 @@ void GgufModel::bind_weights() const {
                         ggml_backend_tensor_set(w, t->data, 0, t->n_bytes);  // re-lays out the blocks
                     }
                     ggml_backend_buffer_set_usage(repack_buffer_, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-                    n_repacked_ = repacked.size();
                 }
             }
         }
-        auto is_repacked = [&](const TensorRecord & t) {
-            return std::find(repacked.begin(), repacked.end(), &t) != repacked.end();
+        auto is_repacked = [this](const TensorRecord & t) {
+            return repack_buffer_ != nullptr && ggml_get_tensor(meta_ctx_, t.name.c_str())->buffer == repack_buffer_;
         };
         const uint64_t data_offset = gguf_get_data_offset(gguf_);
         const uint64_t data_size   = file_.size() - data_offset;

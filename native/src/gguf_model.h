@@ -76,8 +76,6 @@ public:
     // (or any device that can use host memory), an upload otherwise. Thread-safe.
     void                             bind_weights() const;
     int32_t                          n_threads() const { return n_threads_; }
-    // Weights ggml re-laid out for its CPU kernels (0 before bind_weights() or when none apply).
-    size_t                           n_repacked() const { return n_repacked_; }
     uint64_t                         file_size() const { return file_.size(); }
 
 private:
@@ -106,7 +104,6 @@ private:
     int32_t                                   n_threads_ = 1;
     bool                                      repack_    = true;
     mutable ggml_backend_buffer *             repack_buffer_ = nullptr;
-    mutable size_t                            n_repacked_ = 0;
 };
 
 }  // namespace dg
