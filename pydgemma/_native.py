@@ -42,6 +42,14 @@ def cdef_from_header(header_text: str) -> str:
     return body
 
 
+def abi_version_of_header(header_text: str) -> int:
+    """The DG_ABI_VERSION a header declares."""
+    m = re.search(r"^#define\s+DG_ABI_VERSION\s+(\d+)\s*$", header_text, flags=re.M)
+    if m is None:
+        raise NativeLibraryError("dgemma.h does not define DG_ABI_VERSION")
+    return int(m.group(1))
+
+
 def _candidate_dirs() -> Iterator[Path]:
     """Folders that may hold the built library, most specific first."""
     yield _PACKAGE_DIR
@@ -92,11 +100,25 @@ class _Native:
         self.library_path = find_library()
         self.header_path = find_header(self.library_path)
         self.ffi = cffi.FFI()
-        self.ffi.cdef(cdef_from_header(self.header_path.read_text(encoding="utf-8")))
+        header = self.header_path.read_text(encoding="utf-8")
+        self.abi_version = abi_version_of_header(header)
+        self.ffi.cdef(cdef_from_header(header))
         try:
             self.lib = self.ffi.dlopen(str(self.library_path))
         except OSError as exc:
             raise NativeLibraryError(f"cannot load {self.library_path}: {exc}") from exc
+        # The declarations must be the ones the library was built with: calling through another
+        # header's layouts would corrupt memory rather than fail.
+        try:
+            library_abi = int(self.lib.dg_abi_version())
+        except AttributeError:  # a library from before the ABI was versioned
+            library_abi = None
+        if library_abi != self.abi_version:
+            found = "no dg_abi_version()" if library_abi is None else f"ABI version {library_abi}"
+            raise NativeLibraryError(
+                f"{self.library_path} has {found} but {self.header_path} declares DG_ABI_VERSION {self.abi_version}: "
+                "the library and its header come from different builds; reinstall pydgemma"
+            )
 
     def string(self, ptr: Any) -> str:
         """A ``const char *`` from the core as text ('' for NULL)."""

@@ -39,6 +39,7 @@ def run_bench(model, *, prompt_tokens: int = 64, canvases: int = 1, steps: int |
         prefill.append(time.perf_counter() - t)
 
     canvas = (rng.integers(0, V, C) if canvas is None else np.asarray(canvas)).astype(np.int32)
+    device_step = _device_step(model, ctx, canvas, repeat, seed)
     logits = ctx.denoise(canvas)  # warm-up, and the self-conditioning input below
     plain, with_sc, sampling = [], [], []
     sampler = Sampler(model, seed=seed)
@@ -66,6 +67,15 @@ def run_bench(model, *, prompt_tokens: int = 64, canvases: int = 1, steps: int |
     sc_cost = max(0.0, statistics.median(with_sc) - forward)
     sample_cost = statistics.median(sampling)
     step = forward + sc_cost + sample_cost
+    # the device step's parts: its graph without self-conditioning is the forward pass plus the
+    # sampler's reductions (the forward here is dg_denoise's, which also copies the logits out)
+    d_total = statistics.median(device_step["total"])
+    d_first = statistics.median(device_step["first"])
+    d_sc = max(0.0, statistics.median(device_step["with_self_conditioning"]) - d_first)
+    d_reduce = max(0.0, d_first - forward)
+    d_decide = statistics.median(device_step["decide"])
+    d_python = statistics.median(device_step["python"])
+    d_forward = max(0.0, d_total - d_sc - d_reduce - d_decide - d_python)
     return {
         "model": {"n_layer": hp["n_layer"], "n_embd": hp["n_embd"], "n_vocab": V, "canvas_length": C,
                   "n_expert": hp["n_expert"], "file_size": model.file_size, "device": model.device,
@@ -79,6 +89,17 @@ def run_bench(model, *, prompt_tokens: int = 64, canvases: int = 1, steps: int |
             "sampler": _ms(sampling),
             "share": {"forward": forward / step, "self_conditioning": sc_cost / step, "sampler": sample_cost / step},
         },
+        "step": {
+            "graph_first": _ms(device_step["first"]),
+            "graph_with_self_conditioning": _ms(device_step["with_self_conditioning"]),
+            "sampler_decide": _ms(device_step["decide"]),
+            "python": _ms(device_step["python"]),
+            "total": _ms(device_step["total"]),
+            "share": {"forward": d_forward / d_total, "self_conditioning": d_sc / d_total,
+                      "sampler": (d_reduce + d_decide) / d_total, "python": d_python / d_total},
+            "bytes_to_device": device_step["bytes_to_device"],
+            "bytes_from_device": device_step["bytes_from_device"],
+        },
         "generation": {
             "canvases": len(gen.steps),
             "steps_per_canvas": gen.steps,
@@ -88,10 +109,46 @@ def run_bench(model, *, prompt_tokens: int = 64, canvases: int = 1, steps: int |
             "seconds": total,
             "generated_tok_per_s": len(gen.tokens) / total if total else 0.0,
             "tokens_per_forward": gen.tokens_per_forward,
+            "timings": gen.timings,
+            "bytes_to_device_per_step": gen.transfer["to_device"] / max(1, gen.n_forwards),
+            "bytes_from_device_per_step": gen.transfer["from_device"] / max(1, gen.n_forwards),
         },
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "ggml_features": list(device_features(model.device)),
     }
+
+
+def _device_step(model, ctx, canvas: np.ndarray, repeat: int, seed: int) -> dict[str, Any]:
+    """The generation loop's step as Python runs it: Context.step on the device (first without,
+    then with self-conditioning), Sampler.decide on the host; native time from the context's stats."""
+    from .sampler import Sampler
+
+    sampler = Sampler(model, seed=seed)
+    out: dict[str, Any] = {"first": [], "with_self_conditioning": [], "decide": [], "python": [], "total": []}
+    ctx.step(canvas, sampler.temperature, sampler.uniforms())  # warm-up: graphs built and allocated
+    ctx.step(canvas, sampler.temperature, sampler.uniforms(), self_cond=True)
+    before = ctx.step_stats
+    n_steps = 0
+    for _ in range(repeat):
+        work = sampler.new_canvas()
+        for self_cond in (False, True):
+            native_before = ctx.step_stats["seconds"]
+            t = time.perf_counter()
+            rows = ctx.step(work, sampler.temperature, sampler.uniforms(), self_cond=self_cond)
+            t_step = time.perf_counter()
+            sampler.decide(rows, work)
+            t_end = time.perf_counter()
+            native = ctx.step_stats["seconds"] - native_before
+            out["first" if not self_cond else "with_self_conditioning"].append(native)
+            if self_cond:
+                out["decide"].append(t_end - t_step)
+                out["python"].append(max(0.0, (t_step - t) - native))
+                out["total"].append(t_end - t)
+            n_steps += 1
+    after = ctx.step_stats
+    out["bytes_to_device"] = (after["bytes_to_device"] - before["bytes_to_device"]) / n_steps
+    out["bytes_from_device"] = (after["bytes_from_device"] - before["bytes_from_device"]) / n_steps
+    return out
 
 
 def device_features(name: str) -> tuple[str, ...]:

@@ -266,8 +266,11 @@ def bench(
     sc_top_k: int = typer.Option(0, "--sc-top-k", min=0, help="Measure APPROXIMATE self-conditioning over each "
                                  "position's k likeliest tokens. 0 = exact."),
 ) -> None:
-    """Measure prefill speed, the cost of one denoising step (forward / self-conditioning / sampler)
-    and a whole generation on this machine.
+    """Measure prefill speed, the cost of one denoising step and a whole generation on this machine.
+
+    Two steps are measured: the inspection path (dg_denoise: forward, self-conditioning from host
+    logits, the host sampler over them) and the device step that generation runs (the graph with the
+    sampler's reductions, the host's decisions, Python), with the bytes it moves per step.
 
     Example: pydgemma bench -m model.gguf --steps 16 --fixed-steps
     """
@@ -285,12 +288,23 @@ def bench(
     table.add_column("figure", style="cyan")
     table.add_column("value", justify="right")
     table.add_row("prefill", f"{r['prefill_tok_per_s']:.1f} tok/s ({r['prompt_tokens']} tokens)")
-    table.add_row("denoise step: forward", f"{d['forward']['median_ms']:.2f} ms (p90 {d['forward']['p90_ms']:.2f})")
+    table.add_row("denoise step: forward", f"{d['forward']['median_ms']:.2f} ms (p90 {d['forward']['p90_ms']:.2f}, "
+                  "dg_denoise: logits to the host)")
     table.add_row("  + self-conditioning", f"{d['forward_with_self_conditioning']['median_ms']:.2f} ms")
     table.add_row("  sampler", f"{d['sampler']['median_ms']:.2f} ms")
     share = d["share"]
     table.add_row("  shares", f"forward {share['forward']:.0%}, self-cond {share['self_conditioning']:.0%}, "
                   f"sampler {share['sampler']:.0%}")
+    st = r["step"]
+    table.add_row("device step (generation)", f"{st['total']['median_ms']:.2f} ms (p90 {st['total']['p90_ms']:.2f})")
+    table.add_row("  graph: first / with self-cond", f"{st['graph_first']['median_ms']:.2f} / "
+                  f"{st['graph_with_self_conditioning']['median_ms']:.2f} ms")
+    table.add_row("  sampler decisions (host)", f"{st['sampler_decide']['median_ms']:.3f} ms")
+    table.add_row("  python", f"{st['python']['median_ms']:.3f} ms")
+    sh = st["share"]
+    table.add_row("  step shares", f"forward {sh['forward']:.0%}, self-cond {sh['self_conditioning']:.0%}, "
+                  f"sampler {sh['sampler']:.0%}, python {sh['python']:.0%}")
+    table.add_row("  bytes per step", f"{st['bytes_to_device']:.0f} to the device, {st['bytes_from_device']:.0f} back")
     table.add_row("steps per canvas", ", ".join(map(str, g["steps_per_canvas"])) + (" (fixed)" if g["fixed_steps"] else ""))
     table.add_row("generated", f"{g['generated_tokens']} tokens in {g['seconds']:.2f} s = {g['generated_tok_per_s']:.1f} tok/s")
     table.add_row("tokens per forward", f"{g['tokens_per_forward']:.2f}")

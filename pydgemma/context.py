@@ -3,7 +3,8 @@ of DiffusionGemma (prefill the prompt, denoise a canvas, commit a finished canva
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
@@ -12,6 +13,35 @@ from .errors import PydgemmaError
 
 if TYPE_CHECKING:
     from .model import Model
+
+
+# Our CPU kernels by name, in DG_CPU_KERNEL_* order (dgemma.h): each replaces stock ggml ops on the CPU.
+CPU_KERNELS = ("q8_0_matmul", "self_cond_mix", "activations", "sampler")
+
+
+def _kernel_mask(cpu_kernels: str | Iterable[str] | None) -> int:
+    lib = native().lib
+    if cpu_kernels is None:
+        return int(lib.DG_CPU_KERNELS_DEFAULT)
+    if isinstance(cpu_kernels, str):
+        if cpu_kernels in ("all", "none"):
+            return int(lib.DG_CPU_KERNELS_ALL) if cpu_kernels == "all" else 0
+        cpu_kernels = [cpu_kernels]
+    mask = 0
+    for name in cpu_kernels:
+        if name not in CPU_KERNELS:
+            raise PydgemmaError(f"unknown CPU kernel '{name}' (known: {', '.join(CPU_KERNELS)})", "DG_ERR_INVALID_ARG")
+        mask |= 1 << CPU_KERNELS.index(name)
+    return mask
+
+
+@dataclass
+class StepRows:
+    """What one device step gives per position: the sampler's reductions over softmax(logits / t)."""
+
+    argmax: np.ndarray  # int32 [canvas]
+    draws: np.ndarray  # int32 [canvas]
+    entropy: np.ndarray  # float32 [canvas]
 
 
 def _ids(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -25,7 +55,7 @@ class Context:
     """Created by :meth:`Model.context`. Not thread-safe; use one context per thread."""
 
     def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 512, n_threads: int | None = None,
-                 sc_top_k: int = 0) -> None:
+                 sc_top_k: int = 0, cpu_kernels: str | Iterable[str] | None = None) -> None:
         nat = native()
         ffi, lib = nat.ffi, nat.lib
         self.model = model  # keeps the model alive as long as the context
@@ -36,6 +66,7 @@ class Context:
         if sc_top_k < 0:
             raise PydgemmaError(f"sc_top_k must be 0 (exact) or positive, got {sc_top_k}", "DG_ERR_INVALID_ARG")
         params.sc_top_k = sc_top_k
+        params.cpu_kernels = _kernel_mask(cpu_kernels)
         out = ffi.new("dg_context **")
         self._check(lib.dg_context_new(model._handle, params, out))
         self._handle = ffi.gc(out[0], lib.dg_context_free)
@@ -70,6 +101,56 @@ class Context:
         self._check(nat.lib.dg_denoise(self._handle, nat.ffi.from_buffer("int32_t[]", ids), ids.size, sc,
                                        nat.ffi.from_buffer("float[]", out)))
         return out
+
+    def step(self, canvas_ids: Sequence[int] | np.ndarray, temperature: float, uniforms: np.ndarray,
+             self_cond: bool = False) -> StepRows:
+        """One denoising step on the model's device (what generation runs): the decoder pass, the
+        processed logits logits / temperature, and per position their entropy, argmax and the
+        categorical draw for ``uniforms[i]`` in (0, 1). The processed logits stay on the device;
+        ``self_cond=True`` feeds the previous step's back (as ``denoise(canvas, sc_logits)`` does)."""
+        nat = native()
+        ids = _ids(canvas_ids)
+        u = np.ascontiguousarray(uniforms, dtype=np.float32)
+        if u.shape != ids.shape:
+            raise PydgemmaError(f"uniforms must have shape {ids.shape}, got {u.shape}", "DG_ERR_INVALID_ARG")
+        rows = StepRows(np.empty(ids.size, np.int32), np.empty(ids.size, np.int32), np.empty(ids.size, np.float32))
+        fb = nat.ffi.from_buffer
+        self._check(nat.lib.dg_context_step(self._handle, fb("int32_t[]", ids), ids.size, float(temperature),
+                                            fb("float[]", u), bool(self_cond), fb("int32_t[]", rows.argmax),
+                                            fb("int32_t[]", rows.draws), fb("float[]", rows.entropy)))
+        return rows
+
+    def reduce_logits(self, logits: np.ndarray, temperature: float, uniforms: np.ndarray) -> StepRows:
+        """The sampler's half of :meth:`step` over given raw logits [rows, n_vocab], on the model's
+        device: argmax, draw and entropy of softmax(logits / temperature) per row."""
+        nat = native()
+        lg = np.ascontiguousarray(logits, dtype=np.float32)
+        if lg.ndim != 2 or lg.shape[1] != self.n_vocab:
+            raise PydgemmaError(f"logits must have shape [rows, {self.n_vocab}], got {lg.shape}", "DG_ERR_INVALID_ARG")
+        u = np.ascontiguousarray(uniforms, dtype=np.float32)
+        if u.shape != (lg.shape[0],):
+            raise PydgemmaError(f"uniforms must have shape ({lg.shape[0]},), got {u.shape}", "DG_ERR_INVALID_ARG")
+        n = lg.shape[0]
+        rows = StepRows(np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.float32))
+        fb = nat.ffi.from_buffer
+        self._check(nat.lib.dg_context_reduce_logits(self._handle, fb("float[]", lg), n, float(temperature), fb("float[]", u),
+                                                     fb("int32_t[]", rows.argmax), fb("int32_t[]", rows.draws),
+                                                     fb("float[]", rows.entropy)))
+        return rows
+
+    @property
+    def kernels(self) -> list[str]:
+        """The CPU kernels this context's graphs use ([] off the CPU, or when all are off)."""
+        return native().string(native().lib.dg_context_kernels(self._handle)).split()
+
+    @property
+    def step_stats(self) -> dict[str, float]:
+        """What the device steps have moved and spent: steps, bytes_to_device, bytes_from_device, seconds."""
+        nat = native()
+        out = nat.ffi.new("dg_step_stats *")
+        self._check(nat.lib.dg_context_step_stats(self._handle, out))
+        return {"steps": int(out.n_steps), "bytes_to_device": int(out.bytes_to_device),
+                "bytes_from_device": int(out.bytes_from_device), "seconds": float(out.seconds)}
 
     def commit(self, canvas_ids: Sequence[int] | np.ndarray) -> None:
         """Appends a finished canvas to the cache through the encoder, before the next canvas."""

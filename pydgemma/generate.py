@@ -43,7 +43,10 @@ class Generation:
     n_forwards: int = 0
     hit_eos: bool = False
     cancelled: bool = False
-    timings: dict[str, float] = field(default_factory=dict)  # seconds
+    # seconds: total, prefill (prompt and commits), steps (device graphs), sampler (host decisions),
+    # callback (on_step), python (the rest: the binding and its conversions)
+    timings: dict[str, float] = field(default_factory=dict)
+    transfer: dict[str, int] = field(default_factory=dict)  # bytes the denoising steps moved: to_device, from_device
     committed: list[int] = field(default_factory=list)  # tokens the generation left in the cache
 
     @property
@@ -121,7 +124,10 @@ def generate_ids(
         n_forwards=int(result.n_forwards),
         hit_eos=bool(result.hit_eos),
         cancelled=bool(result.cancelled),
-        timings={"total": elapsed},
+        timings={"total": elapsed, "prefill": result.t_prefill, "steps": result.t_steps, "sampler": result.t_sampler,
+                 "callback": result.t_callback,
+                 "python": max(0.0, elapsed - result.t_prefill - result.t_steps - result.t_sampler - result.t_callback)},
+        transfer={"to_device": int(result.bytes_to_device), "from_device": int(result.bytes_from_device)},
     )
     # what the cache now holds after the prompt: the committed canvases
     gen.committed = []

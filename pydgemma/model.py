@@ -165,17 +165,22 @@ class Model:
             nat = native()
             raise ModelError(nat.last_error(), nat.status_name(status))
 
-    def context(self, n_ctx: int | None = None, *, n_batch: int = 512, n_threads: int | None = None, sc_top_k: int = 0):
+    def context(self, n_ctx: int | None = None, *, n_batch: int = 512, n_threads: int | None = None, sc_top_k: int = 0,
+                cpu_kernels=None):
         """A generation context: a KV cache for ``n_ctx`` tokens (default min(4096, context length)).
 
         ``sc_top_k`` > 0 switches self-conditioning to an APPROXIMATE mode that mixes only each canvas
         row's k most likely tokens (renormalised) instead of the whole vocabulary: faster and without
-        the transposed-embedding copy, but the output changes (README, "Performance", has its drift)."""
+        the transposed-embedding copy, but the output changes (README, "Performance", has its drift).
+
+        ``cpu_kernels``: which of our CPU kernels the graphs may use (:data:`pydgemma.CPU_KERNELS`):
+        None (default: all, less those ``DGEMMA_NO_CPU_KERNELS`` names), "all", "none", or an
+        iterable of names; ``ctx.kernels`` says which are in use."""
         from .context import Context
 
         if self._handle is None:
             raise ModelError("the model is closed", "DG_ERR_INVALID_ARG")
-        return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, sc_top_k=sc_top_k)
+        return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, sc_top_k=sc_top_k, cpu_kernels=cpu_kernels)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of `text` with the model's own tokenizer; `add_special` prepends BOS."""

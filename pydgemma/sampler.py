@@ -9,6 +9,17 @@
         if step.stop:
             break
     answer = step.argmax
+
+The same loop with the logits kept on the device (what generation runs):
+
+    first = True
+    while True:
+        t = sampler.temperature
+        rows = ctx.step(canvas, t, sampler.uniforms(), self_cond=not first)   # O(canvas) values back
+        step = sampler.decide(rows, canvas)
+        first = False
+        if step.stop:
+            break
 """
 
 from __future__ import annotations
@@ -77,14 +88,47 @@ class Sampler:
     def temperature(self) -> float:
         return float(native().lib.dg_sampler_temperature(self._handle))
 
+    def uniforms(self) -> np.ndarray:
+        """The next step's uniforms in (0, 1), one per position (what :meth:`Context.step` takes)."""
+        nat = native()
+        out = np.empty(self.canvas_len, np.float32)
+        status = nat.lib.dg_sampler_uniforms(self._handle, nat.ffi.from_buffer("float[]", out))
+        if status != 0:
+            raise PydgemmaError(nat.last_error(), nat.status_name(status))
+        return out
+
+    def decide(self, rows, canvas: np.ndarray) -> StepInfo:
+        """The host half of a step from a device step's reductions (:class:`pydgemma.context.StepRows`):
+        acceptance, re-noising of `canvas` (in place), the stop rule."""
+        nat = native()
+        self._check_canvas(canvas)
+        n = self.canvas_len
+        argmax = np.ascontiguousarray(rows.argmax, np.int32)
+        draws = np.ascontiguousarray(rows.draws, np.int32)
+        entropy = np.ascontiguousarray(rows.entropy, np.float32)
+        if argmax.shape != (n,) or draws.shape != (n,) or entropy.shape != (n,):
+            raise PydgemmaError(f"argmax, draws and entropy must have shape ({n},)", "DG_ERR_INVALID_ARG")
+        accepted = np.empty(n, np.uint8)
+        res = nat.ffi.new("dg_step_result *")
+        fb = nat.ffi.from_buffer
+        status = nat.lib.dg_sampler_decide(self._handle, fb("int32_t[]", argmax), fb("int32_t[]", draws), fb("float[]", entropy),
+                                           fb("int32_t[]", canvas), fb("uint8_t[]", accepted), res)
+        if status != 0:
+            raise PydgemmaError(nat.last_error(), nat.status_name(status))
+        return StepInfo(int(res.step), float(res.temperature), float(res.mean_entropy), int(res.n_accepted),
+                        bool(res.converged), bool(res.stop), argmax.copy(), draws.copy(), accepted.astype(bool), entropy.copy())
+
+    def _check_canvas(self, canvas: np.ndarray) -> None:
+        if canvas.dtype != np.int32 or not canvas.flags.c_contiguous or canvas.shape != (self.canvas_len,):
+            raise PydgemmaError(f"canvas must be C-contiguous int32 [{self.canvas_len}]", "DG_ERR_INVALID_ARG")
+
     def step(self, logits: np.ndarray, canvas: np.ndarray) -> StepInfo:
         """One step. `logits` (float32, C-contiguous [canvas, vocab]) is turned into the processed
         logits in place; `canvas` (int32 [canvas]) becomes the next canvas in place."""
         nat = native()
         if logits.dtype != np.float32 or not logits.flags.c_contiguous or logits.shape != (self.canvas_len, self.n_vocab):
             raise PydgemmaError(f"logits must be C-contiguous float32 {(self.canvas_len, self.n_vocab)}", "DG_ERR_INVALID_ARG")
-        if canvas.dtype != np.int32 or not canvas.flags.c_contiguous or canvas.shape != (self.canvas_len,):
-            raise PydgemmaError(f"canvas must be C-contiguous int32 [{self.canvas_len}]", "DG_ERR_INVALID_ARG")
+        self._check_canvas(canvas)
         argmax = np.empty(self.canvas_len, np.int32)
         draws = np.empty(self.canvas_len, np.int32)
         accepted = np.empty(self.canvas_len, np.uint8)

@@ -110,8 +110,17 @@ def run_canvases(ctx, sampler, prompt_ids: Sequence[int], n_canvases: int) -> It
 
 
 def free_run(ctx, sampler, prompt_ids: Sequence[int], n_canvases: int) -> list[CanvasRun]:
-    """A plain generation (the same loop): each canvas's answer and step count."""
-    return [CanvasRun(s.argmax, s.step + 1) for s in run_canvases(ctx, sampler, prompt_ids, n_canvases) if s.stop]
+    """A plain generation as users run it (the device step loop of ``dg_generate``, with the sampler's
+    settings): each canvas's answer and step count."""
+    from pydgemma.generate import generate_ids
+
+    ctx.reset()
+    settings = {k: sampler.params[k] for k in ("max_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
+                                                 "confidence_threshold", "seed")}
+    C = sampler.canvas_len
+    gen = generate_ids(ctx, prompt_ids, max_new_tokens=n_canvases * C, sampler=settings, eos_ids=[])
+    tokens = np.asarray(gen.tokens, np.int32)
+    return [CanvasRun(tokens[i * C:(i + 1) * C], steps) for i, steps in enumerate(gen.steps)]
 
 
 def probe_lengths(n_prompt: int, n_positions: int) -> list[int]:

@@ -10,8 +10,16 @@
  *   - Strings returned as `const char *` are owned by the library (by the handle they came from, or
  *     static); never free them.
  *
+ *   - Calls on a context are named dg_context_* (the oldest three, dg_prefill, dg_denoise and
+ *     dg_commit, keep their names).
+ *
  * This header is also the source of the Python binding's cffi declarations: keep it to plain C
  * declarations (no function-like macros, no conditional declarations) between the markers.
+ *
+ * DG_ABI_VERSION changes whenever a declaration below changes in a way that breaks a caller built
+ * against an older header (a struct's layout, a function's signature or meaning). A caller checks
+ * dg_abi_version() == DG_ABI_VERSION before anything else; the Python binding refuses a library
+ * whose version differs from its header's.
  */
 #ifndef DGEMMA_H
 #define DGEMMA_H
@@ -35,6 +43,11 @@ extern "C" {
 #endif
 
 /* --- cffi:begin --- */
+
+#define DG_ABI_VERSION 2
+
+/* The DG_ABI_VERSION this library was built with. */
+DG_API int32_t dg_abi_version(void);
 
 typedef enum dg_status {
     DG_OK                 = 0,
@@ -183,6 +196,20 @@ DG_API dg_status dg_detokenize(const dg_model * model, const int32_t * ids, size
  */
 typedef struct dg_context dg_context;
 
+/* Our CPU kernels: ggml custom ops that a context's graphs use in place of stock ggml ops on the CPU
+ * backend, where the CPU and the weights allow (never on other devices). Each computes what the stock
+ * op computes, exactly or within float32 rounding (README, "CPU kernels"). */
+typedef enum dg_cpu_kernel {
+    DG_CPU_KERNEL_Q8_0_MATMUL   = 1,  /* Q8_0 dense and routed-expert products (x86 AVX-512 VNNI)    */
+    DG_CPU_KERNEL_SELF_COND_MIX = 2,  /* self-conditioning's probabilities x F16 embedding (AVX-512) */
+    DG_CPU_KERNEL_ACTIVATIONS   = 4,  /* vectorised GELU and final softcap                           */
+    DG_CPU_KERNEL_SAMPLER       = 8,  /* the step's sampler reductions, one pass per row             */
+    DG_CPU_KERNELS_ALL          = 15,
+    DG_CPU_KERNELS_DEFAULT      = 256 /* all, less those the DGEMMA_NO_CPU_KERNELS environment variable
+                                         switches off ("1" or "all": every one; else a comma-separated
+                                         list of names: q8_0_matmul, self_cond_mix, activations, sampler) */
+} dg_cpu_kernel;
+
 typedef struct dg_context_params {
     uint32_t n_ctx;     /* tokens the cache holds: prompt + committed canvases; 0 = min(4096, context_length) */
     uint32_t n_batch;   /* tokens per encoder pass when prefilling; 0 = 512                                  */
@@ -190,6 +217,7 @@ typedef struct dg_context_params {
     uint32_t sc_top_k;  /* 0 (default) = exact self-conditioning over the whole vocabulary. k > 0 = APPROXIMATE:
                            each canvas row's k most likely tokens only, renormalised (faster, no transposed
                            embedding copy; it changes the model's output, see README)                         */
+    uint32_t cpu_kernels; /* DG_CPU_KERNEL_* bits allowed, or DG_CPU_KERNELS_DEFAULT (the default)                */
 } dg_context_params;
 
 DG_API dg_context_params dg_context_default_params(void);
@@ -212,6 +240,39 @@ DG_API void      dg_context_reset(dg_context * ctx);
 DG_API dg_status dg_context_truncate(dg_context * ctx, uint32_t n_past);
 DG_API uint32_t  dg_context_n_past(const dg_context * ctx);
 DG_API uint32_t  dg_context_n_ctx(const dg_context * ctx);
+/* The CPU kernels this context's graphs use, space-separated DG_CPU_KERNEL_* names in lower case
+ * without the prefix, e.g. "q8_0_matmul self_cond_mix activations sampler" ("" for none: stock ggml
+ * ops only, as on every non-CPU device). */
+DG_API const char * dg_context_kernels(const dg_context * ctx);
+
+/* One denoising step of a canvas, on the model's device (what dg_generate runs): the decoder pass,
+ * the processed logits logits / temperature, and per position the sampler's reductions over them:
+ * the entropy of softmax(processed), its argmax and a categorical draw (the first id whose
+ * cumulative probability reaches uniforms[i], which must lie in (0, 1); see dg_sampler_uniforms).
+ * The processed logits stay on the device: with self_cond the pass reads those of the previous
+ * dg_context_step (same n_canvas, and no prefill, commit, truncate or reset since), as dg_denoise
+ * reads sc_logits. Only O(n_canvas) values cross: the canvas, n_canvas uniforms and the temperature
+ * in; argmax_out, draws_out and entropy_out ([n_canvas] each) out. */
+DG_API dg_status dg_context_step(dg_context * ctx, const int32_t * canvas, size_t n_canvas, float temperature,
+                                 const float * uniforms, bool self_cond, int32_t * argmax_out, int32_t * draws_out,
+                                 float * entropy_out);
+
+/* The sampler's half of dg_context_step over raw logits the caller gives, [n_rows][n_vocab], on the
+ * context's device: argmax, draw and entropy of softmax(logits / temperature) per row, as
+ * dg_context_step computes them (to check a backend against the host sampler, dg_sampler_step). */
+DG_API dg_status dg_context_reduce_logits(dg_context * ctx, const float * logits, size_t n_rows, float temperature,
+                                          const float * uniforms, int32_t * argmax_out, int32_t * draws_out,
+                                          float * entropy_out);
+
+/* What the context's steps have moved and spent since it was created. */
+typedef struct dg_step_stats {
+    uint64_t n_steps;
+    uint64_t bytes_to_device;   /* canvas, positions, temperature and uniforms */
+    uint64_t bytes_from_device; /* argmax, draws and entropies                 */
+    double   seconds;           /* wall time inside dg_context_step            */
+} dg_step_stats;
+
+DG_API dg_status dg_context_step_stats(const dg_context * ctx, dg_step_stats * out);
 
 /* Importance matrix ("imatrix"): while collecting, every later dg_prefill/dg_denoise/dg_commit (and
  * so dg_generate) adds, for each weight matrix W used as a matrix product W x, the per-input-channel
@@ -277,7 +338,17 @@ DG_API void              dg_sampler_free(dg_sampler * sampler);
 DG_API void              dg_sampler_init_canvas(dg_sampler * sampler, int32_t * canvas);
 /* The temperature the next step will use. */
 DG_API float             dg_sampler_temperature(const dg_sampler * sampler);
-/* One step on the raw logits of the current canvas, [canvas_len][n_vocab]. `logits` is divided by
+/* The uniforms in (0, 1) of the next step's categorical draws, [canvas_len] (one per position, from
+ * the seed, canvas and step): what dg_context_step takes. */
+DG_API dg_status         dg_sampler_uniforms(const dg_sampler * sampler, float * uniforms_out);
+/* The host half of a step, from its per-position reductions ([canvas_len] each, e.g. from
+ * dg_context_step): accept the lowest-entropy draws while their entropies sum to at most the bound,
+ * re-noise the rest of `canvas`, apply the stop rule, advance the step. accepted_out may be NULL. */
+DG_API dg_status         dg_sampler_decide(dg_sampler * sampler, const int32_t * argmax, const int32_t * draws,
+                                           const float * entropy, int32_t * canvas, uint8_t * accepted_out,
+                                           dg_step_result * result);
+/* One whole step on the host over the raw logits of the current canvas, [canvas_len][n_vocab]
+ * (the reductions of dg_context_step in double precision, then dg_sampler_decide). `logits` is divided by
  * the temperature in place (the processed logits: pass them as sc_logits to the next dg_denoise);
  * `canvas` becomes the next canvas. argmax_out (the answer when result->stop), draws_out,
  * accepted_out and entropy_out ([canvas_len] each) may be NULL. */
@@ -287,7 +358,8 @@ DG_API dg_status         dg_sampler_step(dg_sampler * sampler, float * logits, i
 
 /* ---------------------------------------------------------------------------------------------
  * Generation: prefill the prompt, then denoise canvases with the sampler, committing each finished
- * canvas before the next, until max_new_tokens or an end-of-generation token.
+ * canvas before the next, until max_new_tokens or an end-of-generation token. Each step is one
+ * dg_context_step (the logits never leave the device) and one dg_sampler_decide.
  */
 typedef struct dg_step_event {
     uint32_t        canvas;        /* 0-based canvas index                     */
@@ -321,6 +393,12 @@ typedef struct dg_generate_result {
     uint32_t n_forwards;    /* decoder passes in all                                      */
     bool     hit_eos;
     bool     cancelled;
+    double   t_prefill;     /* seconds: the prompt's and the committed canvases' encoder passes */
+    double   t_steps;       /* seconds in the denoising steps' graphs (dg_context_step)        */
+    double   t_sampler;     /* seconds in the sampler's host decisions                         */
+    double   t_callback;    /* seconds in on_step                                              */
+    uint64_t bytes_to_device;   /* moved by the denoising steps (see dg_step_stats)            */
+    uint64_t bytes_from_device;
 } dg_generate_result;
 
 DG_API dg_generate_params dg_generate_default_params(const dg_model * model);

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <new>
+#include <vector>
 
 #ifndef DGEMMA_VERSION_STRING
 #    define DGEMMA_VERSION_STRING "0.0.0"
@@ -64,9 +65,25 @@ dg_status invalid(const char * what) {
     return DG_ERR_INVALID_ARG;
 }
 
+template <typename Fn>
+dg_status with_rows(size_t n, int32_t * argmax_out, int32_t * draws_out, float * entropy_out, Fn && fn) {
+    return guarded([&] {
+        std::vector<dg::RowStats> rows(n);
+        fn(rows.data());
+        for (size_t i = 0; i < n; ++i) {
+            argmax_out[i]  = rows[i].argmax;
+            draws_out[i]   = rows[i].draw;
+            entropy_out[i] = rows[i].entropy;
+        }
+    });
+}
+
+
 }  // namespace
 
 extern "C" {
+
+int32_t dg_abi_version(void) { return DG_ABI_VERSION; }
 
 const char * dg_last_error(void) { return dg::last_error(); }
 
@@ -235,6 +252,7 @@ dg_context_params dg_context_default_params(void) {
     p.n_batch   = 512;
     p.n_threads = 0;
     p.sc_top_k  = 0;
+    p.cpu_kernels = DG_CPU_KERNELS_DEFAULT;
     return p;
 }
 
@@ -318,6 +336,48 @@ uint32_t dg_context_n_past(const dg_context * ctx) { return ctx != nullptr ? ctx
 
 uint32_t dg_context_n_ctx(const dg_context * ctx) { return ctx != nullptr ? ctx->impl->n_ctx() : 0; }
 
+const char * dg_context_kernels(const dg_context * ctx) { return ctx != nullptr ? ctx->impl->kernel_names().c_str() : ""; }
+
+dg_status dg_context_step(dg_context * ctx, const int32_t * canvas, size_t n_canvas, float temperature, const float * uniforms,
+                          bool self_cond, int32_t * argmax_out, int32_t * draws_out, float * entropy_out) {
+    if (ctx == nullptr || canvas == nullptr || uniforms == nullptr || argmax_out == nullptr || draws_out == nullptr ||
+        entropy_out == nullptr) {
+        return invalid("dg_context_step: NULL argument");
+    }
+    if (dg_status st = check_count(n_canvas, "step"); st != DG_OK) {
+        return st;
+    }
+    return with_rows(n_canvas, argmax_out, draws_out, entropy_out, [&](dg::RowStats * rows) {
+        ctx->impl->step(canvas, static_cast<uint32_t>(n_canvas), temperature, uniforms, self_cond, rows);
+    });
+}
+
+dg_status dg_context_reduce_logits(dg_context * ctx, const float * logits, size_t n_rows, float temperature,
+                                   const float * uniforms, int32_t * argmax_out, int32_t * draws_out, float * entropy_out) {
+    if (ctx == nullptr || logits == nullptr || uniforms == nullptr || argmax_out == nullptr || draws_out == nullptr ||
+        entropy_out == nullptr) {
+        return invalid("dg_context_reduce_logits: NULL argument");
+    }
+    if (dg_status st = check_count(n_rows, "reduce_logits"); st != DG_OK) {
+        return st;
+    }
+    return with_rows(n_rows, argmax_out, draws_out, entropy_out, [&](dg::RowStats * rows) {
+        ctx->impl->reduce_logits(logits, static_cast<uint32_t>(n_rows), temperature, uniforms, rows);
+    });
+}
+
+dg_status dg_context_step_stats(const dg_context * ctx, dg_step_stats * out) {
+    if (ctx == nullptr || out == nullptr) {
+        return invalid("dg_context_step_stats: NULL argument");
+    }
+    const dg::StepStats & s = ctx->impl->step_stats();
+    out->n_steps           = s.steps;
+    out->bytes_to_device   = s.bytes_to_device;
+    out->bytes_from_device = s.bytes_from_device;
+    out->seconds           = s.seconds;
+    return DG_OK;
+}
+
 dg_status dg_context_imatrix_start(dg_context * ctx) {
     if (ctx == nullptr) {
         return invalid("dg_context_imatrix_start: ctx is NULL");
@@ -396,6 +456,37 @@ dg_status dg_sampler_step(dg_sampler * sampler, float * logits, int32_t * canvas
     return guarded([&] { *result = sampler->impl->step(logits, canvas, argmax_out, draws_out, accepted_out, entropy_out); });
 }
 
+dg_status dg_sampler_uniforms(const dg_sampler * sampler, float * uniforms_out) {
+    if (sampler == nullptr || uniforms_out == nullptr) {
+        return invalid("dg_sampler_uniforms: NULL argument");
+    }
+    return guarded([&] { sampler->impl->uniforms(uniforms_out); });
+}
+
+dg_status dg_sampler_decide(dg_sampler * sampler, const int32_t * argmax, const int32_t * draws, const float * entropy,
+                            int32_t * canvas, uint8_t * accepted_out, dg_step_result * result) {
+    if (sampler == nullptr || argmax == nullptr || draws == nullptr || entropy == nullptr || canvas == nullptr ||
+        result == nullptr) {
+        return invalid("dg_sampler_decide: NULL argument");
+    }
+    return guarded([&] {
+        const uint32_t            n = sampler->canvas_len;
+        std::vector<dg::RowStats> rows(n);
+        for (uint32_t i = 0; i < n; ++i) {
+            if (argmax[i] < 0 || draws[i] < 0 || static_cast<uint32_t>(std::max(argmax[i], draws[i])) >= sampler->impl->n_vocab()) {
+                dg::fail(DG_ERR_INVALID_ARG, dg::format("dg_sampler_decide: id %d at index %u is out of range (vocabulary of %u)",
+                                                        std::min(argmax[i], draws[i]) < 0 ? std::min(argmax[i], draws[i])
+                                                                                          : std::max(argmax[i], draws[i]),
+                                                        i, sampler->impl->n_vocab()));
+            }
+            rows[i].argmax  = argmax[i];
+            rows[i].draw    = draws[i];
+            rows[i].entropy = entropy[i];
+        }
+        *result = sampler->impl->decide(rows.data(), canvas, nullptr, nullptr, accepted_out, nullptr);
+    });
+}
+
 dg_generate_params dg_generate_default_params(const dg_model * model) {
     dg_generate_params p{};
     p.max_new_tokens = 256;
@@ -427,6 +518,12 @@ dg_status dg_generate(dg_context * ctx, const dg_sampler_params * sampler, const
         result->n_forwards = r.n_forwards;
         result->hit_eos    = r.hit_eos;
         result->cancelled  = r.cancelled;
+        result->t_prefill  = r.t_prefill;
+        result->t_steps    = r.t_steps;
+        result->t_sampler  = r.t_sampler;
+        result->t_callback = r.t_callback;
+        result->bytes_to_device   = r.bytes_to_device;
+        result->bytes_from_device = r.bytes_from_device;
     });
 }
 

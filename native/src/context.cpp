@@ -10,6 +10,7 @@
 #include "ggml.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -57,8 +58,8 @@ struct MemoryPlan {
     uint64_t kv = 0;
     uint64_t compute = 0;    // the largest pass's activations (an estimate)
     uint64_t self_cond = 0;  // the transposed embedding
-    uint64_t logits = 0;     // one canvas of logits on the host (generation)
-    uint64_t total() const { return weights + kv + compute + self_cond + logits; }
+    uint64_t sc_state = 0;   // one canvas of processed logits kept on the device between steps
+    uint64_t total() const { return weights + kv + compute + self_cond + sc_state; }
 };
 
 MemoryPlan plan_memory(const GgufModel & model, uint32_t n_ctx, uint32_t n_batch, uint32_t sc_top_k) {
@@ -81,14 +82,16 @@ MemoryPlan plan_memory(const GgufModel & model, uint32_t n_ctx, uint32_t n_batch
     auto pass = [&](uint64_t n, bool decode) {
         const uint64_t scores = uint64_t(hp.n_head) * n * (n_ctx + (decode ? n : 0));  // attention weights
         const uint64_t acts   = n * (8ull * hp.n_embd + 4 * wide);
-        const uint64_t vocab  = decode ? n * 4ull * hp.n_vocab : 0;                      // logits, softcap, SC probs
+        const uint64_t vocab  = decode ? n * 6ull * hp.n_vocab : 0;                      // logits, SC probs, sampler
         return 4 * (scores + acts + vocab);
     };
     m.compute = std::max(pass(C, true), pass(std::min<uint64_t>(n_batch, n_ctx), false));
     if (hp.has_self_conditioning && sc_top_k == 0) {
-        m.self_cond = uint64_t(hp.n_vocab) * hp.n_embd * (model.weight("token_embd.weight")->type == GGML_TYPE_F32 ? 4 : 2);
+        m.self_cond = uint64_t(hp.n_vocab) * hp.n_embd * (model.weights().token_embd->type == GGML_TYPE_F32 ? 4 : 2);
     }
-    m.logits = 4 * C * hp.n_vocab;
+    if (hp.has_self_conditioning) {
+        m.sc_state = 4 * C * hp.n_vocab;
+    }
     return m;
 }
 
@@ -107,6 +110,16 @@ Context::Context(const GgufModel & model, const dg_context_params & params) : mo
     n_batch_   = params.n_batch > 0 ? params.n_batch : 512;
     n_threads_ = params.n_threads > 0 ? params.n_threads : model.n_threads();
     sc_top_k_  = params.sc_top_k;
+    const uint32_t allowed = params.cpu_kernels == DG_CPU_KERNELS_DEFAULT ? cpu_kernels_from_environment() : params.cpu_kernels;
+    if ((allowed & ~static_cast<uint32_t>(DG_CPU_KERNELS_ALL)) != 0) {
+        fail(DG_ERR_INVALID_ARG, format("cpu_kernels = 0x%x has bits that name no kernel (all kernels: 0x%x)", allowed,
+                                        static_cast<unsigned>(DG_CPU_KERNELS_ALL)));
+    }
+    policy_       = KernelPolicy::decide(model.device(), allowed);
+    kernel_names_ = policy_.names();
+    if (hp.n_vocab > (1u << 24)) {
+        fail(DG_ERR_UNSUPPORTED, format("a vocabulary of %u tokens is more than the step loop's float ids hold (2^24)", hp.n_vocab));
+    }
 
     // Refuse up front, with the numbers, rather than failing in the middle of a generation.
     const MemoryPlan need = plan_memory(model, params.n_ctx, n_batch_, sc_top_k_);
@@ -114,16 +127,17 @@ Context::Context(const GgufModel & model, const dg_context_params & params) : mo
     ggml_backend_dev_memory(model.device(), &free, &total);
     if (free > 0 && need.total() > free) {
         fail(DG_ERR_OUT_OF_MEMORY,
-             format("n_ctx = %u needs %s on %s (weights %s, KV cache %s, compute ~%s, self-conditioning %s, logits %s), "
+             format("n_ctx = %u needs %s on %s (weights %s, KV cache %s, compute ~%s, self-conditioning %s, sampler state %s), "
                     "%s free: use a smaller n_ctx",
                     params.n_ctx, gib(need.total()).c_str(), model.device_name().c_str(), gib(need.weights).c_str(),
-                    gib(need.kv).c_str(), gib(need.compute).c_str(), gib(need.self_cond).c_str(), gib(need.logits).c_str(),
+                    gib(need.kv).c_str(), gib(need.compute).c_str(), gib(need.self_cond).c_str(), gib(need.sc_state).c_str(),
                     gib(free).c_str()));
     }
 
     model.bind_weights();
     try {
         init_backends(model, params);
+        check_backend_support();
     } catch (...) {
         release();  // a constructor that throws runs no destructor
         throw;
@@ -178,6 +192,16 @@ void Context::release() {
         embd_t_ctx_ = nullptr;
         embd_t_     = nullptr;
     }
+    if (sc_state_buffer_ != nullptr) {
+        ggml_backend_buffer_free(sc_state_buffer_);
+        sc_state_buffer_ = nullptr;
+    }
+    if (sc_state_ctx_ != nullptr) {
+        ggml_free(sc_state_ctx_);
+        sc_state_ctx_ = nullptr;
+        sc_state_     = nullptr;
+    }
+    sc_state_valid_ = false;
     if (backend_cpu_ != nullptr && backend_cpu_ != backend_) {
         ggml_backend_free(backend_cpu_);
     }
@@ -207,17 +231,25 @@ void Context::truncate(uint32_t n_past) {
     if (n_past > n_past_) {
         fail(DG_ERR_INVALID_ARG, format("truncate: %u is more than the %u cached tokens", n_past, n_past_));
     }
-    n_past_ = n_past;  // the entries past it are overwritten by the next prefill
+    n_past_         = n_past;  // the entries past it are overwritten by the next prefill
+    sc_state_valid_ = false;
+}
+
+void Context::reset() {
+    n_past_         = 0;
+    sc_state_valid_ = false;
 }
 
 void Context::prefill(const int32_t * tokens, uint32_t n) {
     check_tokens(tokens, n, "prefill");
+    sc_state_valid_ = false;  // a new prefix: the next canvas starts without self-conditioning
     for (uint32_t done = 0; done < n;) {
         ForwardShape shape;
         shape.pass     = Pass::ENCODE;
         shape.n_tokens = std::min(n_batch_, n - done);
         shape.n_past   = n_past_;
-        run(shape, tokens + done, nullptr, nullptr);
+        prepare(shape, tokens + done);
+        compute();
         n_past_ += shape.n_tokens;
         done += shape.n_tokens;
     }
@@ -240,60 +272,173 @@ void Context::denoise(const int32_t * canvas, uint32_t n, const float * sc_logit
     shape.pass      = Pass::DECODE;
     shape.n_tokens  = n;
     shape.n_past    = n_past_;
-    shape.self_cond = sc_logits != nullptr;
+    shape.self_cond = sc_logits != nullptr ? SelfCond::HOST : SelfCond::NONE;
     shape.sc_top_k  = sc_top_k_;
-    run(shape, canvas, sc_logits, out);
+    const ForwardTensors & io = prepare(shape, canvas);
+    if (io.sc_logits != nullptr) {
+        set_input(io.sc_logits, sc_logits, sizeof(float) * static_cast<size_t>(model_.hparams().n_vocab) * n, false);
+    }
+    compute();
+    ggml_backend_tensor_get(io.logits, out, 0, sizeof(float) * static_cast<size_t>(model_.hparams().n_vocab) * n);
+}
+
+void Context::step(const int32_t * canvas, uint32_t n, float temperature, const float * uniforms, bool self_cond,
+                   RowStats * rows) {
+    const auto started = std::chrono::steady_clock::now();
+    check_tokens(canvas, n, "step");
+    check_step_inputs(n, temperature, uniforms, rows);
+    const dg_hparams & hp = model_.hparams();
+    if (self_cond) {
+        if (!hp.has_self_conditioning) {
+            fail(DG_ERR_UNSUPPORTED, "step: this model has no self-conditioning tensors");
+        }
+        if (!sc_state_valid_ || sc_state_->ne[1] != n) {
+            fail(DG_ERR_INVALID_ARG, "step: self_cond needs a previous step on this canvas (same length, no prefill, "
+                                     "commit or reset since)");
+        }
+        if (sc_top_k_ == 0) {
+            ensure_transposed_embedding();
+        }
+    }
+    if (hp.has_self_conditioning) {
+        ensure_sc_state(n);
+    }
+    ForwardShape shape;
+    shape.pass      = Pass::DECODE;
+    shape.n_tokens  = n;
+    shape.n_past    = n_past_;
+    shape.self_cond = self_cond ? SelfCond::DEVICE : SelfCond::NONE;
+    shape.sc_top_k  = sc_top_k_;
+    shape.sample    = true;
+    const ForwardTensors & io = prepare(shape, canvas);
+    set_input(io.temperature, &temperature, sizeof(float), true);
+    set_input(io.uniforms, uniforms, sizeof(float) * n, true);
+    sc_state_valid_ = false;  // until this compute has written it
+    compute();
+    sc_state_valid_ = hp.has_self_conditioning;
+
+    read_rows(io, n, rows);
+    ++stats_.steps;
+    stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+}
+
+void Context::check_step_inputs(uint32_t n, float temperature, const float * uniforms, const RowStats * rows) const {
+    if (uniforms == nullptr || rows == nullptr) {
+        fail(DG_ERR_INVALID_ARG, "step: NULL uniforms or output");
+    }
+    if (!(temperature > 0.0f) || !std::isfinite(temperature)) {
+        fail(DG_ERR_INVALID_ARG, format("step: temperature must be positive and finite, got %g", temperature));
+    }
+    for (uint32_t i = 0; i < n; ++i) {
+        if (!(uniforms[i] > 0.0f && uniforms[i] < 1.0f)) {
+            fail(DG_ERR_INVALID_ARG, format("step: uniform %g at index %u is not in (0, 1)", uniforms[i], i));
+        }
+    }
+}
+
+void Context::read_rows(const ForwardTensors & io, uint32_t n, RowStats * rows) {
+    const int32_t n_vocab = static_cast<int32_t>(model_.hparams().n_vocab);
+    if (io.rows != nullptr) {
+        std::vector<float> packed(3 * static_cast<size_t>(n));
+        ggml_backend_tensor_get(io.rows, packed.data(), 0, sizeof(float) * packed.size());
+        for (uint32_t i = 0; i < n; ++i) {
+            rows[i].argmax  = static_cast<int32_t>(packed[3 * i]);
+            rows[i].draw    = static_cast<int32_t>(packed[3 * i + 1]);
+            rows[i].entropy = packed[3 * i + 2];
+        }
+        stats_.bytes_from_device += sizeof(float) * packed.size();
+        return;
+    }
+    std::vector<int32_t> argmax(n);
+    std::vector<float>   draws(n), entropy(n);
+    ggml_backend_tensor_get(io.argmax, argmax.data(), 0, sizeof(int32_t) * n);
+    ggml_backend_tensor_get(io.draws, draws.data(), 0, sizeof(float) * n);
+    ggml_backend_tensor_get(io.entropy, entropy.data(), 0, sizeof(float) * n);
+    for (uint32_t i = 0; i < n; ++i) {
+        rows[i].argmax  = argmax[i];
+        rows[i].draw    = std::min(static_cast<int32_t>(draws[i]), n_vocab - 1);  // a count of ids below the draw
+        rows[i].entropy = entropy[i];
+    }
+    stats_.bytes_from_device += (sizeof(int32_t) + 2 * sizeof(float)) * n;
+}
+
+void Context::reduce_logits(const float * logits, uint32_t n, float temperature, const float * uniforms, RowStats * rows) {
+    if (logits == nullptr || n == 0) {
+        fail(DG_ERR_INVALID_ARG, "reduce_logits: no logits given");
+    }
+    check_step_inputs(n, temperature, uniforms, rows);
+    const dg_hparams & hp = model_.hparams();
+    drop_graph();  // the scheduler's buffers go to this graph
+    std::vector<uint8_t> mem(ggml_tensor_overhead() * 64 + ggml_graph_overhead_custom(64, false));
+    GraphScope           scope(mem);
+    ggml_cgraph *        gf = ggml_new_graph_custom(scope.ctx, 64, false);
+    ggml_tensor *        in = ggml_new_tensor_2d(scope.ctx, GGML_TYPE_F32, hp.n_vocab, n);
+    ggml_set_input(in);
+    ForwardTensors io;
+    build_sampler(scope.ctx, gf, hp, policy_, in, nullptr, io);
+    ggml_backend_sched_reset(sched_);
+    if (!ggml_backend_sched_alloc_graph(sched_, gf)) {
+        fail(DG_ERR_OUT_OF_MEMORY, "cannot allocate the compute buffers");
+    }
+    ggml_backend_tensor_set(in, logits, 0, sizeof(float) * static_cast<size_t>(hp.n_vocab) * n);
+    ggml_backend_tensor_set(io.temperature, &temperature, 0, sizeof(float));
+    ggml_backend_tensor_set(io.uniforms, uniforms, 0, sizeof(float) * n);
+    if (ggml_backend_sched_graph_compute(sched_, gf) != GGML_STATUS_SUCCESS) {
+        fail(DG_ERR_BACKEND, "the backend failed to compute the sampler's reductions");
+    }
+    const StepStats keep = stats_;  // not a step: its traffic is not the step loop's
+    read_rows(io, n, rows);
+    stats_ = keep;
 }
 
 void Context::drop_graph() {
     if (graph_ctx_ != nullptr) {
         ggml_free(graph_ctx_);
     }
-    delete graph_io_;
-    graph_ctx_ = nullptr;
-    graph_     = nullptr;
-    graph_io_  = nullptr;
-    graph_key_ = 0;
+    graph_ctx_  = nullptr;
+    graph_      = nullptr;
+    graph_io_   = ForwardTensors{};
+    have_graph_ = false;
 }
 
-void Context::run(const ForwardShape & requested, const int32_t * tokens, const float * sc_logits, float * out) {
+// Inputs the graph does not read (a mask no layer uses) get no buffer and are skipped.
+void Context::set_input(ggml_tensor * t, const void * data, size_t size, bool count) {
+    if (t != nullptr && t->buffer != nullptr) {
+        ggml_backend_tensor_set(t, data, 0, size);
+        if (count) {
+            stats_.bytes_to_device += size;
+        }
+    }
+}
+
+const ForwardTensors & Context::prepare(const ForwardShape & requested, const int32_t * tokens) {
     const dg_hparams & hp = model_.hparams();
     ForwardShape       shape = requested;
     // Denoising steps of one canvas share a shape: the graph and its allocation are built once and
     // reused; only the inputs change.
     shape.ggml_matmuls_only = collecting_imatrix_;
-    const uint64_t key = (static_cast<uint64_t>(shape.pass == Pass::DECODE) << 63) |
-                         (static_cast<uint64_t>(shape.self_cond) << 62) |
-                         (static_cast<uint64_t>(shape.ggml_matmuls_only) << 61) | (static_cast<uint64_t>(shape.n_tokens) << 31) |
-                         shape.n_past;
-    if (key != graph_key_) {
+    if (!have_graph_ || shape != graph_shape_) {
         drop_graph();
         graph_ctx_ = graph_context(graph_mem_);
-        graph_    = ggml_new_graph_custom(graph_ctx_, graph_size_for(hp), false);
-        graph_io_ = new ForwardTensors(build_forward(graph_ctx_, graph_, model_, cache_, shape, embd_t_));
+        graph_     = ggml_new_graph_custom(graph_ctx_, graph_size_for(hp), false);
+        graph_io_  = build_forward(graph_ctx_, graph_, model_, cache_, shape, policy_, embd_t_, sc_state_);
         ggml_backend_sched_reset(sched_);
         if (!ggml_backend_sched_alloc_graph(sched_, graph_)) {
             drop_graph();
             fail(DG_ERR_OUT_OF_MEMORY, "cannot allocate the compute buffers");
         }
-        graph_key_ = key;
+        graph_shape_ = shape;
+        have_graph_  = true;
     }
-    const ForwardTensors & io = *graph_io_;
-    ggml_cgraph *          gf = graph_;
-
-    // Inputs the graph does not read (a mask no layer uses) get no buffer and are skipped.
-    auto set_input = [](ggml_tensor * t, const void * data, size_t size) {
-        if (t != nullptr && t->buffer != nullptr) {
-            ggml_backend_tensor_set(t, data, 0, size);
-        }
-    };
-    const uint32_t n = shape.n_tokens;
-    set_input(io.tokens, tokens, sizeof(int32_t) * n);
+    const ForwardTensors & io = graph_io_;
+    const bool             count = shape.sample;  // the step loop's traffic is what bench reports
+    const uint32_t         n = shape.n_tokens;
+    set_input(io.tokens, tokens, sizeof(int32_t) * n, count);
     std::vector<int32_t> pos(n);
     for (uint32_t i = 0; i < n; ++i) {
         pos[i] = static_cast<int32_t>(shape.n_past + i);
     }
-    set_input(io.positions, pos.data(), sizeof(int32_t) * n);
+    set_input(io.positions, pos.data(), sizeof(int32_t) * n, count);
 
     if (shape.pass == Pass::ENCODE) {
         // causal over [0, n_past + n); sliding layers also within the window: q - k < sliding_window
@@ -312,14 +457,14 @@ void Context::run(const ForwardShape & requested, const int32_t * tokens, const 
                 }
             }
         }
-        set_input(io.mask_full, mask_full.data(), sizeof(float) * mask_full.size());
-        set_input(io.mask_swa, mask_swa.data(), sizeof(float) * mask_swa.size());
+        set_input(io.mask_full, mask_full.data(), sizeof(float) * mask_full.size(), false);
+        set_input(io.mask_swa, mask_swa.data(), sizeof(float) * mask_swa.size(), false);
     }
-    if (io.sc_logits != nullptr) {
-        set_input(io.sc_logits, sc_logits, sizeof(float) * static_cast<size_t>(hp.n_vocab) * n);
-    }
+    return io;
+}
 
-    if (ggml_backend_sched_graph_compute(sched_, gf) != GGML_STATUS_SUCCESS) {
+void Context::compute() {
+    if (ggml_backend_sched_graph_compute(sched_, graph_) != GGML_STATUS_SUCCESS) {
         drop_graph();
         fail(DG_ERR_BACKEND, "the backend failed to compute the graph");
     }
@@ -328,8 +473,80 @@ void Context::run(const ForwardShape & requested, const int32_t * tokens, const 
         imatrix_->clear_error();
         fail(DG_ERR_BACKEND, msg);
     }
-    if (out != nullptr && io.logits != nullptr) {
-        ggml_backend_tensor_get(io.logits, out, 0, sizeof(float) * static_cast<size_t>(hp.n_vocab) * n);
+}
+
+// The step graphs run on the model's device alone: every op of a canvas step (with self-conditioning
+// and the sampler) and of an encoder pass must be one the device supports, else the scheduler would
+// move vocabulary-sized tensors across the bus. Refuse up front, naming the op.
+void Context::check_backend_support() const {
+    if (ggml_backend_dev_type(model_.device()) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+        return;
+    }
+    const dg_hparams & hp = model_.hparams();
+    std::vector<uint8_t> mem(ggml_tensor_overhead() * (graph_size_for(hp) + 8) + ggml_graph_overhead_custom(graph_size_for(hp), false));
+    GraphScope           scope(mem);
+    ggml_tensor *        embd_t = ggml_new_tensor_2d(scope.ctx, model_.weights().token_embd->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16,
+                                                     hp.n_vocab, hp.n_embd);
+    ggml_tensor *        state  = ggml_new_tensor_2d(scope.ctx, GGML_TYPE_F32, hp.n_vocab, hp.canvas_length);
+    const uint32_t       n_past = std::min<uint32_t>(1, cache_.n_ctx() - 1);
+    ForwardShape decode;
+    decode.pass      = Pass::DECODE;
+    decode.n_tokens  = hp.canvas_length;
+    decode.n_past    = n_past;
+    decode.self_cond = hp.has_self_conditioning ? SelfCond::DEVICE : SelfCond::NONE;
+    decode.sc_top_k  = sc_top_k_;
+    decode.sample    = true;
+    ForwardShape encode;
+    encode.pass     = Pass::ENCODE;
+    encode.n_tokens = std::min<uint32_t>(2, cache_.n_ctx() - n_past);
+    encode.n_past   = n_past;
+    for (const ForwardShape & shape : {decode, encode}) {
+        ggml_cgraph * gf = ggml_new_graph_custom(scope.ctx, graph_size_for(hp), false);
+        build_forward(scope.ctx, gf, model_, cache_, shape, policy_, embd_t, hp.has_self_conditioning ? state : nullptr);
+        for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+            ggml_tensor * node = ggml_graph_node(gf, i);
+            switch (node->op) {
+                case GGML_OP_NONE: case GGML_OP_VIEW: case GGML_OP_RESHAPE: case GGML_OP_PERMUTE: case GGML_OP_TRANSPOSE:
+                    continue;
+                default:
+                    break;
+            }
+            if (!ggml_backend_supports_op(backend_, node)) {
+                fail(DG_ERR_UNSUPPORTED,
+                     format("the %s backend cannot run %s (%s, %s [%lld, %lld, %lld]), which the %s needs", model_.device_name().c_str(),
+                            ggml_op_desc(node), node->src[0] != nullptr ? ggml_type_name(node->src[0]->type) : "-",
+                            ggml_type_name(node->type), static_cast<long long>(node->ne[0]), static_cast<long long>(node->ne[1]),
+                            static_cast<long long>(node->ne[2]), shape.pass == Pass::DECODE ? "denoising step" : "encoder"));
+            }
+        }
+    }
+}
+
+void Context::ensure_sc_state(uint32_t n) {
+    if (sc_state_ != nullptr && sc_state_->ne[1] == n) {
+        return;
+    }
+    drop_graph();  // graphs refer to the old tensor
+    if (sc_state_buffer_ != nullptr) {
+        ggml_backend_buffer_free(sc_state_buffer_);
+        sc_state_buffer_ = nullptr;
+    }
+    if (sc_state_ctx_ != nullptr) {
+        ggml_free(sc_state_ctx_);
+    }
+    sc_state_valid_ = false;
+    ggml_init_params p{};
+    p.mem_size    = ggml_tensor_overhead();
+    p.no_alloc    = true;
+    sc_state_ctx_ = ggml_init(p);
+    sc_state_     = ggml_new_tensor_2d(sc_state_ctx_, GGML_TYPE_F32, model_.hparams().n_vocab, n);
+    ggml_set_name(sc_state_, "sc_state");
+    sc_state_buffer_ = ggml_backend_alloc_ctx_tensors_from_buft(sc_state_ctx_, ggml_backend_get_default_buffer_type(backend_));
+    if (sc_state_buffer_ == nullptr) {
+        ggml_free(sc_state_ctx_);
+        sc_state_ctx_ = nullptr;
+        sc_state_     = nullptr;
+        fail(DG_ERR_OUT_OF_MEMORY, "cannot allocate the self-conditioning state of the step loop");
     }
 }
 
@@ -358,7 +575,7 @@ void Context::ensure_transposed_embedding() {
         return;
     }
     const dg_hparams & hp    = model_.hparams();
-    ggml_tensor *      embd  = model_.weight("token_embd.weight");
+    ggml_tensor *      embd  = model_.weights().token_embd;
     const ggml_type    type  = embd->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
 
     ggml_init_params p{};

@@ -1,12 +1,16 @@
-// Per-user state over a shared model: KV cache, backends, scheduler and scratch buffers.
+// Per-user state over a shared model: KV cache, backends, scheduler, the kernel policy, the
+// self-conditioning state of the step loop, and scratch buffers.
 #pragma once
 
 #include "dgemma.h"
 #include "graph.h"
+#include "kernel_policy.h"
 #include "kv_cache.h"
+#include "sampler.h"
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 struct ggml_backend;
@@ -21,6 +25,14 @@ namespace dg {
 class GgufModel;
 class ImatrixCollector;
 
+// What the step loop moved and spent (dg_context_stats).
+struct StepStats {
+    uint64_t steps = 0;
+    uint64_t bytes_to_device = 0;
+    uint64_t bytes_from_device = 0;
+    double   seconds = 0.0;
+};
+
 class Context {
 public:
     Context(const GgufModel & model, const dg_context_params & params);
@@ -33,15 +45,27 @@ public:
     // One decoder pass over a canvas of `n` tokens; `sc_logits` ([n, n_vocab], may be null) is the
     // previous step's processed logits. Writes [n, n_vocab] float32 logits to `out`.
     void denoise(const int32_t * canvas, uint32_t n, const float * sc_logits, float * out);
+    // One denoising step on the device: the decoder pass, logits / t, the sampler's reductions
+    // (one row of `rows` per position, with `uniforms` [n] for the draws). The processed logits stay
+    // on the device; `self_cond` makes the pass read the previous step's (same n, no prefill,
+    // commit or reset in between).
+    void step(const int32_t * canvas, uint32_t n, float temperature, const float * uniforms, bool self_cond, RowStats * rows);
+    // The sampler's half of step() over caller-given raw logits [n, n_vocab], on the device (to
+    // check a backend's reductions against the host sampler). The cache and the step state are unchanged.
+    void reduce_logits(const float * logits, uint32_t n, float temperature, const float * uniforms, RowStats * rows);
     // Appends a finished canvas to the cache through the encoder (same as prefill).
     void commit(const int32_t * canvas, uint32_t n) { prefill(canvas, n); }
-    void reset() { n_past_ = 0; }
+    void reset();
     void truncate(uint32_t n_past);
 
     uint32_t          n_past() const { return n_past_; }
     const GgufModel & model() const { return model_; }
     uint32_t n_ctx() const { return cache_.n_ctx(); }
     int32_t  n_threads() const { return n_threads_; }
+    const KernelPolicy & kernels() const { return policy_; }
+    const std::string &  kernel_names() const { return kernel_names_; }
+    const StepStats &    step_stats() const { return stats_; }
+    void                 reset_step_stats() { stats_ = StepStats{}; }
 
     // Importance-matrix collection over every later prefill/denoise/commit (see imatrix.h).
     // start() keeps what was collected before; clear() drops it.
@@ -52,13 +76,22 @@ public:
 
 private:
     void check_tokens(const int32_t * tokens, uint32_t n, const char * what) const;
-    void run(const ForwardShape & shape, const int32_t * tokens, const float * sc_logits, float * out);
+    // Builds (or reuses) and allocates the graph of `shape`, sets its token, position and mask inputs.
+    const ForwardTensors & prepare(const ForwardShape & shape, const int32_t * tokens);
+    void compute();
+    void check_step_inputs(uint32_t n, float temperature, const float * uniforms, const RowStats * rows) const;
+    void read_rows(const ForwardTensors & io, uint32_t n, RowStats * rows);
+    void set_input(ggml_tensor * t, const void * data, size_t size, bool count);
     void ensure_transposed_embedding();
+    void ensure_sc_state(uint32_t n);
+    void check_backend_support() const;
     void drop_graph();
     void init_backends(const GgufModel & model, const dg_context_params & params);
     void release();
 
     const GgufModel &           model_;
+    KernelPolicy                policy_;
+    std::string                 kernel_names_;
     ggml_backend *              backend_ = nullptr;      // the model's device
     ggml_backend *              backend_cpu_ = nullptr;  // fallback for ops the device lacks
     ggml_backend_sched *        sched_ = nullptr;
@@ -71,12 +104,18 @@ private:
     std::vector<uint8_t>        graph_mem_;        // metadata of the graph being run (and reused)
     ggml_context *              graph_ctx_ = nullptr;
     ggml_cgraph *               graph_ = nullptr;
-    ForwardTensors *            graph_io_ = nullptr;
-    uint64_t                    graph_key_ = 0;     // shape of graph_, 0 = none: reused while unchanged
+    ForwardTensors              graph_io_;
+    ForwardShape                graph_shape_;
+    bool                        have_graph_ = false;  // graph_ is built and allocated for graph_shape_
     std::vector<uint8_t>        scratch_mem_;      // metadata of one-off graphs
     ggml_context *              embd_t_ctx_ = nullptr;
     ggml_backend_buffer *       embd_t_buffer_ = nullptr;
     ggml_tensor *               embd_t_ = nullptr;       // [n_vocab, n_embd], for self-conditioning
+    ggml_context *              sc_state_ctx_ = nullptr;
+    ggml_backend_buffer *       sc_state_buffer_ = nullptr;
+    ggml_tensor *               sc_state_ = nullptr;     // F32 [n_vocab, n]: the last step's processed logits
+    bool                        sc_state_valid_ = false;
+    StepStats                   stats_;
     std::unique_ptr<ImatrixCollector> imatrix_;          // null until imatrix_start()
 };
 

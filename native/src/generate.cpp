@@ -6,8 +6,17 @@
 #include "sampler.h"
 
 #include <algorithm>
+#include <chrono>
 
 namespace dg {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+}  // namespace
 
 GenerateResult generate(Context & ctx, const dg_sampler_params & sampler_params, const int32_t * prompt, uint32_t n_prompt,
                         const dg_generate_params & params) {
@@ -26,25 +35,39 @@ GenerateResult generate(Context & ctx, const dg_sampler_params & sampler_params,
     if (n_prompt == 0 && ctx.n_past() == 0) {
         fail(DG_ERR_INVALID_ARG, "generate: empty prompt");
     }
+    GenerateResult out;
+    Sampler        sampler(sampler_params, C, V);
     if (n_prompt > 0) {
+        const auto t0 = Clock::now();
         ctx.prefill(prompt, n_prompt);
+        out.t_prefill += since(t0);
     }
 
-    Sampler              sampler(sampler_params, C, V);
-    std::vector<float>   logits(static_cast<size_t>(C) * V);
-    std::vector<int32_t> canvas(C), argmax(C);
-    std::vector<uint8_t> accepted(C);
-    GenerateResult       out;
+    std::vector<RowStats> rows(C);
+    std::vector<float>    uniforms(C);
+    std::vector<int32_t>  canvas(C), argmax(C);
+    std::vector<uint8_t>  accepted(C);
+    const StepStats       before = ctx.step_stats();
+    auto finish = [&] {
+        out.t_steps           = ctx.step_stats().seconds - before.seconds;
+        out.bytes_to_device   = ctx.step_stats().bytes_to_device - before.bytes_to_device;
+        out.bytes_from_device = ctx.step_stats().bytes_from_device - before.bytes_from_device;
+        return out;
+    };
     auto is_eos = [&](int32_t id) { return std::find(params.eos_ids, params.eos_ids + params.n_eos, id) != params.eos_ids + params.n_eos; };
 
     for (uint32_t c = 0; c < n_canvases; ++c) {
         sampler.init_canvas(canvas.data());
         bool have_sc = false;
         for (;;) {
-            // the processed logits of the previous step are this step's self-conditioning input
-            ctx.denoise(canvas.data(), C, have_sc ? logits.data() : nullptr, logits.data());
+            // the processed logits of the previous step (on the device) are this step's
+            // self-conditioning input
+            sampler.uniforms(uniforms.data());
+            ctx.step(canvas.data(), C, sampler.temperature(), uniforms.data(), have_sc && hp.has_self_conditioning, rows.data());
             ++out.n_forwards;
-            const dg_step_result res = sampler.step(logits.data(), canvas.data(), argmax.data(), nullptr, accepted.data(), nullptr);
+            const auto           t0  = Clock::now();
+            const dg_step_result res = sampler.decide(rows.data(), canvas.data(), argmax.data(), nullptr, accepted.data(), nullptr);
+            out.t_sampler += since(t0);
             have_sc = true;
             if (params.on_step != nullptr) {
                 dg_step_event ev{};
@@ -59,10 +82,13 @@ GenerateResult generate(Context & ctx, const dg_sampler_params & sampler_params,
                 ev.argmax       = argmax.data();
                 ev.canvas_ids   = canvas.data();
                 ev.accepted     = accepted.data();
-                if (!params.on_step(&ev, params.user_data)) {
+                const auto t1   = Clock::now();
+                const bool keep = params.on_step(&ev, params.user_data);
+                out.t_callback += since(t1);
+                if (!keep) {
                     out.steps.push_back(res.step + 1);
                     out.cancelled = true;
-                    return out;
+                    return finish();
                 }
             }
             if (res.stop) {
@@ -75,15 +101,17 @@ GenerateResult generate(Context & ctx, const dg_sampler_params & sampler_params,
         for (uint32_t i = 0; i < C && i < room; ++i) {
             if (is_eos(argmax[i])) {
                 out.hit_eos = true;
-                return out;
+                return finish();
             }
             out.tokens.push_back(argmax[i]);
         }
         if (c + 1 < n_canvases) {
+            const auto t0 = Clock::now();
             ctx.commit(argmax.data(), C);  // the argmax canvas joins the prefix, as transformers does
+            out.t_prefill += since(t0);
         }
     }
-    return out;
+    return finish();
 }
 
 }  // namespace dg

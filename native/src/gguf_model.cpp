@@ -299,6 +299,7 @@ std::unique_ptr<GgufModel> GgufModel::load(const std::string & path, const dg_mo
     model->parse(path);
     model->read_hparams();
     model->validate_tensors();
+    model->weights_ = resolve_weights(*model);
 
     ggml_backend_dev_t dev = resolve_device(params.device != nullptr ? params.device : "auto");
     model->device_      = dev;

@@ -4,6 +4,7 @@
 
 #include "dgemma.h"
 #include "mapped_file.h"
+#include "weights.h"
 
 #include <cstdint>
 #include <memory>
@@ -72,6 +73,8 @@ public:
     // The weight tensor `name` (shape and type from the file), or nullptr. Its data is usable by
     // ggml only after bind_weights().
     ggml_tensor *                    weight(const std::string & name) const;
+    // Every weight, resolved at load (the graph builder reads these; see weights.h).
+    const ModelWeights &             weights() const { return weights_; }
     // Places the weights on the model's device, once: zero-copy views of the mapping on the CPU
     // (or any device that can use host memory), an upload otherwise. Thread-safe.
     void                             bind_weights() const;
@@ -95,6 +98,7 @@ private:
     std::vector<MetaRecord>                   meta_;
     std::unordered_map<std::string, size_t>   meta_index_;
     std::vector<int32_t>                      eog_ids_;
+    ModelWeights                              weights_;
     std::string                               device_name_;
     ggml_backend_device *                     device_ = nullptr;
     mutable std::once_flag                    bind_once_;

@@ -2,45 +2,34 @@
 
 #include "cpu_activations.h"
 #include "cpu_moe_q8.h"
+#include "cpu_sampler.h"
 #include "cpu_self_cond.h"
-#include "error.h"
 #include "gguf_model.h"
+#include "kernel_policy.h"
 #include "kv_cache.h"
+#include "weights.h"
 
-#include "ggml-backend.h"
 #include "ggml.h"
 
 #include <cmath>
-#include <cstdlib>
-#include <string>
 
 namespace dg {
 
 namespace {
 
 struct Builder {
-    ggml_context *     ctx;
-    const GgufModel &  model;
-    const dg_hparams & hp;
-    bool               cpu;       // the graph runs on the CPU backend: use our vectorised activations
-    bool               own_mm;    // our CPU matmul kernels may replace ggml_mul_mat / ggml_mul_mat_id
+    ggml_context *       ctx;
+    const dg_hparams &   hp;
+    const KernelPolicy & k;
+    bool                 own_matmuls;  // k.q8_0_matmul, unless this graph must keep ggml's products
 
     // weight [K, M] times activations [K, N]
     ggml_tensor * matmul(ggml_tensor * w, ggml_tensor * x) const {
-        return own_mm && cpu_matmul_q8_0_applies(w, x) ? cpu_matmul_q8_0(ctx, w, x) : ggml_mul_mat(ctx, w, x);
+        return own_matmuls && cpu_matmul_q8_0_applies(w, x) ? cpu_matmul_q8_0(ctx, w, x) : ggml_mul_mat(ctx, w, x);
     }
     ggml_tensor * experts_matmul(ggml_tensor * w, ggml_tensor * x, ggml_tensor * ids) const {
-        return own_mm && cpu_moe_q8_0_applies(w) ? cpu_moe_q8_0(ctx, w, x, ids) : ggml_mul_mat_id(ctx, w, x, ids);
+        return own_matmuls && cpu_moe_q8_0_applies(w) ? cpu_moe_q8_0(ctx, w, x, ids) : ggml_mul_mat_id(ctx, w, x, ids);
     }
-
-    ggml_tensor * w(const std::string & name) const {
-        ggml_tensor * t = model.weight(name);
-        if (t == nullptr) {
-            fail(DG_ERR_FORMAT, format("missing tensor '%s'", name.c_str()));
-        }
-        return t;
-    }
-    ggml_tensor * w_or_null(const std::string & name) const { return model.weight(name); }
 
     // RMS_w(x) = x * (mean(x^2) + eps)^-1/2 * w (no +1 offset: Gemma 4 multiplies by w directly).
     ggml_tensor * rms(ggml_tensor * x, ggml_tensor * weight = nullptr) const {
@@ -48,26 +37,109 @@ struct Builder {
         return weight != nullptr ? ggml_mul(ctx, y, weight) : y;
     }
 
-    // tanh-approximated GELU in float32 (ggml's own GELU goes through an f16 table): our vectorised
-    // kernel on the CPU, elsewhere composed from exact f32 ops.
+    // tanh-approximated GELU in float32 (ggml's own GELU goes through an f16 table): composed from
+    // exact f32 ops, or our vectorised kernel.
     ggml_tensor * gelu(ggml_tensor * x) const {
-        if (cpu) {
+        if (k.activations) {
             return cpu_gelu_tanh(ctx, x);
         }
-        const float k = 0.7978845608028654f;  // sqrt(2/pi)
+        const float c = 0.7978845608028654f;  // sqrt(2/pi)
         ggml_tensor * x3    = ggml_mul(ctx, ggml_sqr(ctx, x), x);
         ggml_tensor * inner = ggml_add(ctx, x, ggml_scale(ctx, x3, 0.044715f));
-        ggml_tensor * t     = ggml_tanh(ctx, ggml_scale(ctx, inner, k));
+        ggml_tensor * t     = ggml_tanh(ctx, ggml_scale(ctx, inner, c));
         return ggml_mul(ctx, x, ggml_scale_bias(ctx, t, 0.5f, 0.5f));
+    }
+
+    ggml_tensor * softcap(ggml_tensor * x, float cap) const {
+        if (k.activations) {
+            return cpu_softcap(ctx, x, cap);
+        }
+        return ggml_scale(ctx, ggml_tanh(ctx, ggml_scale(ctx, x, 1.0f / cap)), cap);
     }
 
     ggml_tensor * gated_mlp(ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down) const {
         ggml_tensor * g = gelu(matmul(gate, x));
         return matmul(down, ggml_mul(ctx, g, matmul(up, x)));
     }
+
+    // sum_v softmax(sc)_v E[v] for each row of sc [n_vocab, n]: [n_embd, n].
+    ggml_tensor * self_cond_mix(ggml_tensor * sc, ggml_tensor * token_embd, ggml_tensor * embd_t, uint32_t top_k) const {
+        const int64_t n = sc->ne[1];
+        if (top_k == 0) {
+            ggml_tensor * probs = ggml_soft_max(ctx, sc);
+            return k.self_cond_mix && cpu_self_cond_mix_applies(embd_t, probs) ? cpu_self_cond_mix(ctx, embd_t, probs)
+                                                                               : ggml_mul_mat(ctx, embd_t, probs);
+        }
+        // Approximate: the k largest logits per row, softmax over those only, and the matching
+        // embedding rows mixed with a batched [k] x [n_embd, k] product.
+        const int64_t kk   = top_k;
+        ggml_tensor * idx  = ggml_cont(ctx, ggml_top_k(ctx, sc, static_cast<int>(kk)));                     // I32 [k, n]
+        ggml_tensor * top  = ggml_get_rows(ctx, ggml_reshape_3d(ctx, sc, 1, hp.n_vocab, n), idx);           // [1, k, n]
+        ggml_tensor * p    = ggml_soft_max(ctx, ggml_reshape_2d(ctx, top, kk, n));                          // [k, n]
+        ggml_tensor * rows = ggml_get_rows(ctx, token_embd, ggml_reshape_1d(ctx, idx, kk * n));             // [n_embd, k n]
+        ggml_tensor * e_t  = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, rows, hp.n_embd, kk, n), 1, 0, 2, 3));
+        return ggml_reshape_2d(ctx, ggml_mul_mat(ctx, e_t, ggml_reshape_3d(ctx, p, kk, 1, n)), hp.n_embd, n);
+    }
+
+    // The sampler's reductions over processed logits [n_vocab, n] in stock ops (spec section 4):
+    //   argmax; d = x - max; e = exp(d); k = #maxima; r = sum over d < 0 of e; v = sum e d;
+    //   entropy = log(k + r) - v / (k + r), with log(k + r) = log k + log1p(r / k), so that sharp
+    //   rows (r << 1) keep their relative precision in float32;
+    //   draw = #{i : cumsum(e)_i < u * sum(e)}: the first id whose cumulative weight reaches u.
+    void sampler_rows(ggml_tensor * x, ggml_tensor * uniforms, ForwardTensors & io) const {
+        const int64_t n_vocab = x->ne[0];
+        const int64_t n       = x->ne[1];
+        if (k.sampler) {
+            io.rows = cpu_sampler_rows(ctx, x, uniforms);
+            return;
+        }
+        ggml_tensor * am   = ggml_argmax(ctx, x);                                                            // I32 [n]
+        ggml_tensor * mx   = ggml_get_rows(ctx, ggml_reshape_3d(ctx, x, 1, n_vocab, n), ggml_reshape_2d(ctx, am, 1, n));
+        ggml_tensor * d    = ggml_sub(ctx, x, ggml_reshape_2d(ctx, mx, 1, n));                                // [V, n] <= 0
+        ggml_tensor * e    = ggml_exp(ctx, d);
+        ggml_tensor * v    = ggml_sum_rows(ctx, ggml_mul(ctx, e, d));                                         // [1, n]
+        ggml_tensor * tail = ggml_step(ctx, ggml_neg(ctx, d));                                               // 1 where d < 0
+        ggml_tensor * r    = ggml_sum_rows(ctx, ggml_mul(ctx, e, tail));
+        ggml_tensor * kmax = ggml_scale_bias(ctx, ggml_sum_rows(ctx, tail), -1.0f, static_cast<float>(n_vocab));
+        // log1p(q) = q * log(1 + q) / ((1 + q) - 1), and q where 1 + q rounds to 1 (z = 1 there)
+        ggml_tensor * q    = ggml_div(ctx, r, kmax);
+        ggml_tensor * q1   = ggml_scale_bias(ctx, q, 1.0f, 1.0f);
+        ggml_tensor * den  = ggml_scale_bias(ctx, q1, 1.0f, -1.0f);
+        ggml_tensor * z    = ggml_scale_bias(ctx, ggml_step(ctx, den), -1.0f, 1.0f);
+        ggml_tensor * l1p  = ggml_mul(ctx, q, ggml_div(ctx, ggml_add(ctx, ggml_log(ctx, q1), z), ggml_add(ctx, den, z)));
+        ggml_tensor * s    = ggml_add(ctx, kmax, r);
+        io.entropy = ggml_sub(ctx, ggml_add(ctx, ggml_log(ctx, kmax), l1p), ggml_div(ctx, v, s));
+        ggml_tensor * cs   = ggml_cumsum(ctx, e);
+        ggml_tensor * tot  = ggml_cont(ctx, ggml_view_2d(ctx, cs, 1, n, cs->nb[1], static_cast<size_t>(n_vocab - 1) * cs->nb[0]));
+        ggml_tensor * thr  = ggml_mul(ctx, tot, ggml_reshape_2d(ctx, uniforms, 1, n));
+        io.draws  = ggml_sum_rows(ctx, ggml_step(ctx, ggml_neg(ctx, ggml_sub(ctx, cs, thr))));             // #(cs < thr)
+        io.argmax = am;
+    }
 };
 
 }  // namespace
+
+void build_sampler(ggml_context * ctx, ggml_cgraph * gf, const dg_hparams & hp, const KernelPolicy & policy,
+                   ggml_tensor * logits, ggml_tensor * sc_state, ForwardTensors & io) {
+    // 4: processed logits (a division, as transformers' processor does), kept on the device as the
+    // next step's self-conditioning input, and the per-position reductions over them.
+    const Builder b{ctx, hp, policy, false};
+    io.temperature = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, 1);
+    ggml_set_input(io.temperature);
+    io.uniforms = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, logits->ne[1]);
+    ggml_set_input(io.uniforms);
+    ggml_tensor * processed = ggml_div(ctx, logits, io.temperature);
+    if (sc_state != nullptr) {
+        processed = ggml_cpy(ctx, processed, sc_state);
+    }
+    b.sampler_rows(processed, io.uniforms, io);
+    for (ggml_tensor * t : {io.rows, io.argmax, io.draws, io.entropy}) {
+        if (t != nullptr) {
+            ggml_set_output(t);
+            ggml_build_forward_expand(gf, t);
+        }
+    }
+}
 
 uint32_t swa_kv_start(uint32_t n_past, uint32_t sliding_window) {
     const uint32_t keep = sliding_window > 0 ? sliding_window - 1 : 0;
@@ -75,17 +147,16 @@ uint32_t swa_kv_start(uint32_t n_past, uint32_t sliding_window) {
 }
 
 ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufModel & model, const KvCache & cache,
-                             const ForwardShape & shape, ggml_tensor * embd_t) {
-    const dg_hparams & hp = model.hparams();
-    const bool         cpu = ggml_backend_dev_type(model.device()) == GGML_BACKEND_DEVICE_TYPE_CPU;
-    // DGEMMA_NO_CPU_KERNELS=1 keeps ggml's own matmuls everywhere (for comparisons and bisecting).
-    const bool         own_mm = cpu && !shape.ggml_matmuls_only && std::getenv("DGEMMA_NO_CPU_KERNELS") == nullptr;
-    Builder            b{ctx, model, hp, cpu, own_mm};
-    ForwardTensors     io;
-    const bool         encode = shape.pass == Pass::ENCODE;
-    const int64_t      n      = shape.n_tokens;
-    const uint32_t     n_past = shape.n_past;
-    io.kv_start_swa           = swa_kv_start(n_past, hp.sliding_window);
+                             const ForwardShape & shape, const KernelPolicy & policy, ggml_tensor * embd_t,
+                             ggml_tensor * sc_state) {
+    const dg_hparams &   hp = model.hparams();
+    const ModelWeights & W  = model.weights();
+    Builder              b{ctx, hp, policy, policy.q8_0_matmul && !shape.ggml_matmuls_only};
+    ForwardTensors       io;
+    const bool           encode = shape.pass == Pass::ENCODE;
+    const int64_t        n      = shape.n_tokens;
+    const uint32_t       n_past = shape.n_past;
+    io.kv_start_swa             = swa_kv_start(n_past, hp.sliding_window);
 
     io.tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
     ggml_set_input(io.tokens);
@@ -100,58 +171,39 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
 
     // 3.1 input embedding: E[t] * sqrt(n_embd); canvas rows go through self-conditioning and a
     // scale-free RMS norm (with no self-conditioning signal its MLP contributes exactly zero).
-    ggml_tensor * token_embd = b.w("token_embd.weight");
-    ggml_tensor * x = ggml_scale(ctx, ggml_get_rows(ctx, token_embd, io.tokens), std::sqrt(static_cast<float>(hp.n_embd)));
+    ggml_tensor * x = ggml_scale(ctx, ggml_get_rows(ctx, W.token_embd, io.tokens), std::sqrt(static_cast<float>(hp.n_embd)));
     if (!encode) {
-        if (shape.self_cond) {
+        ggml_tensor * sc_in = nullptr;
+        if (shape.self_cond == SelfCond::HOST) {
             io.sc_logits = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, hp.n_vocab, n);
             ggml_set_input(io.sc_logits);
-            ggml_tensor * mixed = nullptr;  // sum_v softmax(sc)_v E[v], [n_embd, n]
-            if (shape.sc_top_k == 0) {
-                ggml_tensor * probs = ggml_soft_max(ctx, io.sc_logits);
-                mixed = b.own_mm && cpu_self_cond_mix_applies(embd_t, probs) ? cpu_self_cond_mix(ctx, embd_t, probs)
-                                                                              : ggml_mul_mat(ctx, embd_t, probs);
-            } else {
-                // Approximate: the k largest logits per row, softmax over those only, and the
-                // matching embedding rows mixed with a batched [k] x [n_embd, k] product.
-                const int64_t k    = shape.sc_top_k;
-                ggml_tensor * idx  = ggml_cont(ctx, ggml_top_k(ctx, io.sc_logits, static_cast<int>(k)));   // I32 [k, n]
-                ggml_tensor * top  = ggml_get_rows(ctx, ggml_reshape_3d(ctx, io.sc_logits, 1, hp.n_vocab, n), idx);  // [1, k, n]
-                ggml_tensor * p    = ggml_soft_max(ctx, ggml_reshape_2d(ctx, top, k, n));                 // [k, n]
-                ggml_tensor * rows = ggml_get_rows(ctx, token_embd, ggml_reshape_1d(ctx, idx, k * n));    // [n_embd, k n]
-                ggml_tensor * e_t  = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, rows, hp.n_embd, k, n), 1, 0, 2, 3));
-                mixed = ggml_reshape_2d(ctx, ggml_mul_mat(ctx, e_t, ggml_reshape_3d(ctx, p, k, 1, n)), hp.n_embd, n);
-            }
+            sc_in = io.sc_logits;
+        } else if (shape.self_cond == SelfCond::DEVICE) {
+            sc_in = sc_state;  // read here, before this graph's sampler tail overwrites it
+        }
+        if (sc_in != nullptr) {
+            ggml_tensor * mixed = b.self_cond_mix(sc_in, W.token_embd, embd_t, shape.sc_top_k);
             ggml_tensor * soft  = ggml_scale(ctx, mixed, std::sqrt(static_cast<float>(hp.n_embd)));
-            ggml_tensor * norm  = b.w_or_null("self_cond_pre_norm.weight");
-            if (norm == nullptr) {
-                norm = b.w("self_cond_norm.weight");
-            }
-            ggml_tensor * sc = b.gated_mlp(b.rms(soft, norm), b.w("self_cond_gate.weight"), b.w("self_cond_up.weight"),
-                                           b.w("self_cond_down.weight"));
-            x = ggml_add(ctx, x, sc);
+            x = ggml_add(ctx, x, b.gated_mlp(b.rms(soft, W.sc_norm), W.sc_gate, W.sc_up, W.sc_down));
         }
         x = b.rms(x);
     }
 
-    ggml_tensor * rope_freqs = b.w("rope_freqs.weight");
-    const float   kq_scale   = 1.0f;
-
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
-        const LayerLayout & L   = model.layers()[il];
-        const std::string   p   = format("blk.%u.", il);
-        const int64_t       hd  = L.head_dim;
-        const int64_t       nkv = L.n_head_kv;
-        ggml_tensor *       h   = x;
+        const LayerLayout &  L   = model.layers()[il];
+        const LayerWeights & w   = W.layers[il];
+        const int64_t        hd  = L.head_dim;
+        const int64_t        nkv = L.n_head_kv;
+        ggml_tensor *        h   = x;
 
         // 3.2 attention
-        ggml_tensor * a     = b.rms(h, b.w(p + "attn_norm.weight"));
-        ggml_tensor * q     = ggml_reshape_3d(ctx, b.matmul(b.w(p + "attn_q.weight"), a), hd, hp.n_head, n);
-        ggml_tensor * k_raw = ggml_reshape_3d(ctx, b.matmul(b.w(p + "attn_k.weight"), a), hd, nkv, n);
-        ggml_tensor * v = L.has_v_proj ? ggml_reshape_3d(ctx, b.matmul(b.w(p + "attn_v.weight"), a), hd, nkv, n)
-                                       : k_raw;  // full layers: V is the raw K projection
-        q = b.rms(q, b.w(p + "attn_q_norm.weight"));
-        ggml_tensor * k = b.rms(k_raw, b.w(p + "attn_k_norm.weight"));
+        ggml_tensor * a     = b.rms(h, w.attn_norm);
+        ggml_tensor * q     = ggml_reshape_3d(ctx, b.matmul(w.wq, a), hd, hp.n_head, n);
+        ggml_tensor * k_raw = ggml_reshape_3d(ctx, b.matmul(w.wk, a), hd, nkv, n);
+        ggml_tensor * v     = w.wv != nullptr ? ggml_reshape_3d(ctx, b.matmul(w.wv, a), hd, nkv, n)
+                                              : k_raw;  // full layers: V is the raw K projection
+        q = b.rms(q, w.q_norm);
+        ggml_tensor * k = b.rms(k_raw, w.k_norm);
         v = b.rms(v);
         if (L.is_sliding) {
             q = ggml_rope_ext(ctx, q, io.positions, nullptr, static_cast<int>(hp.n_rot_swa), GGML_ROPE_TYPE_NEOX,
@@ -160,9 +212,9 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
                               static_cast<int>(hp.n_ctx_train), hp.rope_freq_base_swa, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
         } else {
             // proportional RoPE: rope_freqs divides the frequency of unrotated pairs by 1e30
-            q = ggml_rope_ext(ctx, q, io.positions, rope_freqs, static_cast<int>(hp.n_rot), GGML_ROPE_TYPE_NEOX,
+            q = ggml_rope_ext(ctx, q, io.positions, W.rope_freqs, static_cast<int>(hp.n_rot), GGML_ROPE_TYPE_NEOX,
                               static_cast<int>(hp.n_ctx_train), hp.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
-            k = ggml_rope_ext(ctx, k, io.positions, rope_freqs, static_cast<int>(hp.n_rot), GGML_ROPE_TYPE_NEOX,
+            k = ggml_rope_ext(ctx, k, io.positions, W.rope_freqs, static_cast<int>(hp.n_rot), GGML_ROPE_TYPE_NEOX,
                               static_cast<int>(hp.n_ctx_train), hp.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
         }
 
@@ -189,70 +241,69 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
         ggml_tensor * kq = ggml_mul_mat(ctx, ggml_cont(ctx, ggml_permute(ctx, k_all, 0, 2, 1, 3)),
                                         ggml_cont(ctx, ggml_permute(ctx, q, 0, 2, 1, 3)));
         ggml_tensor * mask = encode ? (L.is_sliding ? io.mask_swa : io.mask_full) : nullptr;
-        kq = ggml_soft_max_ext(ctx, kq, mask, kq_scale, 0.0f);
+        kq = ggml_soft_max_ext(ctx, kq, mask, 1.0f, 0.0f);  // scale 1.0: no 1/sqrt(d)
         ggml_tensor * v_t = ggml_cont(ctx, ggml_permute(ctx, v_all, 1, 2, 0, 3));  // [T, hd, nkv]
         ggml_tensor * att = ggml_mul_mat(ctx, v_t, kq);                            // [hd, n, n_head]
         att = ggml_cont_2d(ctx, ggml_permute(ctx, att, 0, 2, 1, 3), hd * hp.n_head, n);
-        ggml_tensor * o = b.matmul(b.w(p + "attn_output.weight"), att);
-        ggml_tensor * r = ggml_add(ctx, h, b.rms(o, b.w(p + "post_attention_norm.weight")));
+        ggml_tensor * r = ggml_add(ctx, h, b.rms(b.matmul(w.wo, att), w.post_attention_norm));
 
         // 3.2.5 dense MLP
-        ggml_tensor * m = b.gated_mlp(b.rms(r, b.w(p + "ffn_norm.weight")), b.w(p + "ffn_gate.weight"),
-                                      b.w(p + "ffn_up.weight"), b.w(p + "ffn_down.weight"));
-        m = b.rms(m, b.w(p + "post_ffw_norm_1.weight"));
+        ggml_tensor * m = b.rms(b.gated_mlp(b.rms(r, w.ffn_norm), w.ffn_gate, w.ffn_up, w.ffn_down), w.post_ffw_norm_1);
 
         // 3.2.6 router on the un-normed residual
-        ggml_tensor * ri = ggml_scale(ctx, ggml_mul(ctx, ggml_rms_norm(ctx, r, hp.rms_norm_eps), b.w(p + "ffn_gate_inp.scale")),
+        ggml_tensor * ri = ggml_scale(ctx, ggml_mul(ctx, ggml_rms_norm(ctx, r, hp.rms_norm_eps), w.gate_inp_scale),
                                       1.0f / std::sqrt(static_cast<float>(hp.n_embd)));
-        ggml_tensor * probs   = ggml_soft_max(ctx, ggml_mul_mat(ctx, b.w(p + "ffn_gate_inp.weight"), ri));  // [n_expert, n]
-        ggml_tensor * experts = ggml_top_k(ctx, probs, static_cast<int>(hp.n_expert_used));                // [k, n]
+        ggml_tensor * probs   = ggml_soft_max(ctx, ggml_mul_mat(ctx, w.gate_inp, ri));                    // [n_expert, n]
+        ggml_tensor * experts = ggml_top_k(ctx, probs, static_cast<int>(hp.n_expert_used));              // [k, n]
         ggml_tensor * weights = ggml_get_rows(ctx, ggml_reshape_3d(ctx, probs, 1, hp.n_expert, n), experts);  // [1, k, n]
         weights = ggml_reshape_2d(ctx, weights, hp.n_expert_used, n);
         weights = ggml_div(ctx, weights, ggml_sum_rows(ctx, weights));
-        ggml_tensor * per_expert = ggml_get_rows(ctx, ggml_reshape_2d(ctx, b.w(p + "ffn_down_exps.scale"), 1, hp.n_expert),
+        ggml_tensor * per_expert = ggml_get_rows(ctx, ggml_reshape_2d(ctx, w.down_exps_scale, 1, hp.n_expert),
                                                  ggml_reshape_1d(ctx, experts, hp.n_expert_used * n));
         weights = ggml_mul(ctx, weights, ggml_reshape_2d(ctx, per_expert, hp.n_expert_used, n));
 
         // 3.2.7 experts
-        ggml_tensor * x2 = ggml_reshape_3d(ctx, b.rms(r, b.w(p + "pre_ffw_norm_2.weight")), hp.n_embd, 1, n);
+        ggml_tensor * x2 = ggml_reshape_3d(ctx, b.rms(r, w.pre_ffw_norm_2), hp.n_embd, 1, n);
         ggml_tensor * gate;
         ggml_tensor * up;
-        if (ggml_tensor * gate_up = b.w_or_null(p + "ffn_gate_up_exps.weight")) {
-            ggml_tensor * gu = b.experts_matmul(gate_up, x2, experts);  // [2 * n_ff_exp, k, n]
+        if (w.gate_up_exps != nullptr) {
+            ggml_tensor * gu = b.experts_matmul(w.gate_up_exps, x2, experts);  // [2 * n_ff_exp, k, n]
             gate = ggml_cont(ctx, ggml_view_3d(ctx, gu, hp.n_ff_exp, hp.n_expert_used, n, gu->nb[1], gu->nb[2], 0));
             up   = ggml_cont(ctx, ggml_view_3d(ctx, gu, hp.n_ff_exp, hp.n_expert_used, n, gu->nb[1], gu->nb[2],
                                               gu->nb[0] * hp.n_ff_exp));
         } else {
-            gate = b.experts_matmul(b.w(p + "ffn_gate_exps.weight"), x2, experts);
-            up   = b.experts_matmul(b.w(p + "ffn_up_exps.weight"), x2, experts);
+            gate = b.experts_matmul(w.gate_exps, x2, experts);
+            up   = b.experts_matmul(w.up_exps, x2, experts);
         }
         ggml_tensor * act  = ggml_mul(ctx, b.gelu(gate), up);
-        ggml_tensor * down = b.experts_matmul(b.w(p + "ffn_down_exps.weight"), act, experts);  // [n_embd, k, n]
+        ggml_tensor * down = b.experts_matmul(w.down_exps, act, experts);  // [n_embd, k, n]
         down = ggml_mul(ctx, down, ggml_reshape_3d(ctx, weights, 1, hp.n_expert_used, n));
         ggml_tensor * y = ggml_view_2d(ctx, down, hp.n_embd, n, down->nb[2], 0);
         for (uint32_t j = 1; j < hp.n_expert_used; ++j) {
             y = ggml_add(ctx, y, ggml_view_2d(ctx, down, hp.n_embd, n, down->nb[2], down->nb[1] * j));
         }
-        ggml_tensor * moe = b.rms(y, b.w(p + "post_ffw_norm_2.weight"));
+        ggml_tensor * moe = b.rms(y, w.post_ffw_norm_2);
 
         // 3.2.8-9 combine, residual, layer scalar on the whole stream
-        ggml_tensor * out = ggml_add(ctx, r, b.rms(ggml_add(ctx, m, moe), b.w(p + "post_ffw_norm.weight")));
-        x = ggml_mul(ctx, out, b.w(p + (encode ? "enc_layer_output_scale.weight" : "layer_output_scale.weight")));
+        ggml_tensor * out = ggml_add(ctx, r, b.rms(ggml_add(ctx, m, moe), w.post_ffw_norm));
+        x = ggml_mul(ctx, out, encode ? w.enc_output_scale : w.dec_output_scale);
     }
 
-    if (!encode) {
-        // 3.3 output: final norm, tied (or separate) head, softcap
-        ggml_tensor * head = b.w_or_null("output.weight");
-        ggml_tensor * logits = b.matmul(head != nullptr ? head : token_embd, b.rms(x, b.w("output_norm.weight")));
-        if (hp.final_logit_softcap > 0.0f && b.cpu) {
-            logits = cpu_softcap(ctx, logits, hp.final_logit_softcap);
-        } else if (hp.final_logit_softcap > 0.0f) {
-            logits = ggml_scale(ctx, ggml_tanh(ctx, ggml_scale(ctx, logits, 1.0f / hp.final_logit_softcap)), hp.final_logit_softcap);
-        }
-        ggml_set_output(logits);
-        io.logits = logits;
-        ggml_build_forward_expand(gf, logits);
+    if (encode) {
+        return io;
     }
+    // 3.3 output: final norm, tied (or separate) head, softcap
+    ggml_tensor * logits = b.matmul(W.head(), b.rms(x, W.output_norm));
+    if (hp.final_logit_softcap > 0.0f) {
+        logits = b.softcap(logits, hp.final_logit_softcap);
+    }
+    io.logits = logits;
+    if (!shape.sample) {
+        ggml_set_output(logits);
+        ggml_build_forward_expand(gf, logits);
+        return io;
+    }
+    build_sampler(ctx, gf, hp, policy, logits, sc_state, io);
     return io;
 }
 

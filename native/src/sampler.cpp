@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <numeric>
 #include <thread>
 
@@ -104,61 +105,92 @@ float Sampler::temperature() const {
     return p_.t_min + (p_.t_max - p_.t_min) * (static_cast<float>(remaining) / static_cast<float>(p_.max_steps));
 }
 
-// One pass over a row: the running max m, s = sum e^(x-m), v = sum e^(x-m) (x-m) (entropy =
-// log s - v/s), the argmax, and a categorical sample by weighted reservoir sampling with
-// exponential jumps (the item that takes the reservoir is the first whose cumulative weight passes
-// W0 / U; O(log n) random numbers per row). The row is divided by the temperature in place.
-Sampler::RowStats Sampler::row(float * x, float t, uint64_t stream) const {
-    Rng     rng(stream);
-    double  m = -INFINITY, s = 0.0, v = 0.0, w_total = 0.0, threshold = 0.0;
-    int32_t argmax = 0, draw = 0;
-    for (uint32_t i = 0; i < n_vocab_; ++i) {
-        const float xi = x[i] / t;  // a division, as transformers' processor does (bit-equal processed logits)
-        x[i]           = xi;
+RowStats reduce_row(const float * x, uint32_t n_vocab, float u) {
+    // pass 1 (online: rescaled when the max moves): the max m, the count k of ids at it, r = the sum
+    // of e_i = exp(x_i - m) over the others, v = sum e_i (x_i - m); s = k + r. The entropy is
+    // log s - v / s, with log s = log k + log1p(r / k), exact however sharp the row is.
+    double   m = -INFINITY, r = 0.0, v = 0.0;
+    uint32_t k = 0;
+    int32_t  argmax = 0;
+    for (uint32_t i = 0; i < n_vocab; ++i) {
+        const float xi = x[i];
         if (!(xi > -INFINITY)) {
             continue;  // a masked-out token: probability 0
         }
         if (xi > m) {
             if (std::isfinite(m)) {
-                const double scale = std::exp(m - xi);
-                v = scale * (v + (m - xi) * s);
-                s *= scale;
-                w_total *= scale;
-                threshold *= scale;
+                const double d     = m - xi;
+                const double scale = std::exp(d);
+                v = scale * (v + d * (k + r));
+                r = scale * (r + k);
             }
             m      = xi;
+            k      = 0;
             argmax = static_cast<int32_t>(i);
         }
-        const double d = static_cast<double>(xi) - m;
-        const double e = std::exp(d);
-        s += e;
-        v += e * d;
-        w_total += e;
-        if (w_total > threshold && e > 0.0) {
-            draw      = static_cast<int32_t>(i);
-            threshold = w_total / rng.uniform();
+        if (xi == m) {
+            ++k;
+        } else {
+            const double d = static_cast<double>(xi) - m;
+            const double e = std::exp(d);
+            r += e;
+            v += e * d;
         }
     }
-    RowStats r;
-    r.entropy = static_cast<float>(std::log(s) - v / s);
-    r.argmax  = argmax;
-    r.draw    = draw;
-    return r;
+    const double s = k + r;
+    RowStats out;
+    out.entropy = k > 0 ? static_cast<float>(std::log(static_cast<double>(k)) + std::log1p(r / k) - v / s) : 0.0f;
+    out.argmax  = argmax;
+    out.draw    = argmax;
+    // pass 2: the first id whose cumulative weight reaches u * s (never a zero-probability id)
+    const double target = static_cast<double>(u) * s;
+    double       cum    = 0.0;
+    for (uint32_t i = 0; i < n_vocab; ++i) {
+        if (!(x[i] > -INFINITY)) {
+            continue;
+        }
+        const double e = std::exp(static_cast<double>(x[i]) - m);
+        cum += e;
+        if (cum >= target && e > 0.0) {
+            out.draw = static_cast<int32_t>(i);
+            break;
+        }
+    }
+    return out;
+}
+
+void Sampler::uniforms(float * out) const {
+    const float below_one = std::nextafter(1.0f, 0.0f);
+    for (uint32_t i = 0; i < canvas_len_; ++i) {
+        const float u = static_cast<float>(Rng(stream_id(p_.seed, canvas_no_, step_, i, 1)).uniform());
+        out[i] = std::min(std::max(u, std::numeric_limits<float>::min()), below_one);
+    }
 }
 
 dg_step_result Sampler::step(float * logits, int32_t * canvas, int32_t * argmax_out, int32_t * draws_out,
                              uint8_t * accepted_out, float * entropy_out) {
     const float t = temperature();
+    std::vector<float> u(canvas_len_);
+    uniforms(u.data());
     std::vector<RowStats> rows(canvas_len_);
     const uint32_t n_threads = std::min<uint32_t>(static_cast<uint32_t>(p_.n_threads),
                                                   std::max<uint32_t>(1, canvas_len_ * n_vocab_ / (1u << 16)));
     auto work = [&](unsigned first) {
         for (uint32_t i = first; i < canvas_len_; i += n_threads) {
-            rows[i] = row(logits + static_cast<size_t>(i) * n_vocab_, t, stream_id(p_.seed, canvas_no_, step_, i, 1));
+            float * row = logits + static_cast<size_t>(i) * n_vocab_;
+            for (uint32_t j = 0; j < n_vocab_; ++j) {
+                row[j] = row[j] / t;  // a division, as transformers' processor does (bit-equal processed logits)
+            }
+            rows[i] = reduce_row(row, n_vocab_, u[i]);
         }
     };
     run_workers(n_threads, work);
+    return decide(rows.data(), canvas, argmax_out, draws_out, accepted_out, entropy_out);
+}
 
+dg_step_result Sampler::decide(const RowStats * rows, int32_t * canvas, int32_t * argmax_out, int32_t * draws_out,
+                               uint8_t * accepted_out, float * entropy_out) {
+    const float t = temperature();
     // Entropy-bound acceptance: positions by ascending entropy; the k-th is accepted while the
     // entropies before it sum to at most the bound (transformers: cumsum - entropy <= bound, f32).
     std::vector<uint32_t> order(canvas_len_);
