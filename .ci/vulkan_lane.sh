@@ -102,10 +102,11 @@ else
     "$work/build-venv/bin/python" -m pip install -q cmake ninja
     mkdir -p "$cache_root"
     staging=$(mktemp -d "$cache_root/.building-XXXXXX")
-    # glslc's include and the Vulkan library itself come from the system packages.
+    # The Vulkan library itself comes from the system packages. --no-cache-dir: pip's wheel cache
+    # would otherwise hand back a CPU-only ggml-python built earlier from the same sdist.
     CMAKE_ARGS="-DGGML_VULKAN=ON -DGGML_NATIVE=ON -DVulkan_LIBRARY=$(ls /usr/lib/*/libvulkan.so.1 | head -n1) $extra_cmake" \
     CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) PATH="$work/build-venv/bin:$PATH" \
-        "$work/build-venv/bin/python" -m pip wheel -q --no-deps --no-binary ggml-python \
+        "$work/build-venv/bin/python" -m pip wheel -q --no-cache-dir --no-deps --no-binary ggml-python \
             -w "$staging" "ggml-python==$ggml_py_version" > "$work/wheel-build.log" 2>&1 \
         || { tail -n 60 "$work/wheel-build.log" >&2; rm -rf "$staging"; die "the ggml-python build failed"; }
     whl=$(compgen -G "$staging/ggml_python-$ggml_py_version-*.whl" | head -n1) || true

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from ._version import __version__
-from .context import Context
+from .context import CPU_KERNELS, Context, StepRows
 from .devices import Device, devices
 from .errors import ModelError, NativeLibraryError, PydgemmaError
 from .model import HParams, LayerInfo, Model, TensorInfo
@@ -31,6 +31,7 @@ def ggml_version() -> str:
 
 
 __all__ = [
+    "CPU_KERNELS",
     "Context",
     "Device",
     "HParams",
@@ -39,6 +40,7 @@ __all__ = [
     "ModelError",
     "NativeLibraryError",
     "PydgemmaError",
+    "StepRows",
     "TensorInfo",
     "__version__",
     "devices",

@@ -56,3 +56,26 @@ def converted(tmp_path_factory: pytest.TempPathFactory, hf_tiny: Path) -> dict[s
 
     out = tmp_path_factory.mktemp("converted")
     return {t: convert(hf_tiny, out / f"tiny-{t}.gguf", out_type=t).path for t in ("f32", "f16", "bf16", "q8_0")}
+
+
+@pytest.fixture(scope="session")
+def converted_odd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A second tiny checkpoint with an odd padded vocabulary (523) and a 24-token canvas, converted
+    to F32 and Q8_0 (the shapes that once broke the Vulkan backend)."""
+    from pydgemma.models.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from pydgemma.quantize import convert
+
+    out = tmp_path_factory.mktemp("converted-odd")
+    ckpt = build_tiny_checkpoint(out / "hf", TinySpec(vocab_size=523, canvas_length=24, seed=2))
+    return {t: convert(ckpt, out / f"odd-{t}.gguf", out_type=t).path for t in ("f32", "q8_0")}
+
+
+# ------------------------------------------------------------------------------------------------
+# The backend under test. PYDGEMMA_TEST_DEVICE names a ggml device (e.g. Vulkan0, in CI's Vulkan
+# lane); unset, the CPU's stock-op path (no custom kernels) is tested against its custom-op path.
+
+
+def device_under_test() -> str:
+    import os
+
+    return os.environ.get("PYDGEMMA_TEST_DEVICE", "CPU")

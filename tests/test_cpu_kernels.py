@@ -1,9 +1,15 @@
-"""Our CPU kernels against ggml's own ops (DGEMMA_NO_CPU_KERNELS=1 switches them off).
+"""Our CPU kernels against the stock ggml ops they replace. The context's KernelPolicy picks them
+(``cpu_kernels``, ``DGEMMA_NO_CPU_KERNELS``); ``ctx.kernels`` says which ran.
 
-* Q8_0 matmuls and routed experts (x86 with AVX-512 VNNI): the integer dot products are exact and
-  the float steps are ggml's, in ggml's order, so logits are identical bit for bit.
-* Self-conditioning's probabilities x F16 embedding (AVX-512): ggml rounds the probabilities to F16
-  first, we keep them F32, so the two differ by that rounding only."""
+* q8_0_matmul (x86 AVX-512 VNNI): the integer dot products are exact and the float steps are
+  ggml's, in ggml's order, so logits are identical bit for bit.
+* self_cond_mix (AVX-512): ggml rounds the probabilities to F16 first, we keep them F32, so the two
+  differ by that rounding only.
+* activations (any CPU): GELU and softcap within a few float32 ulps of the stock f32 ops.
+* sampler (any CPU): the step's reductions in double precision, the host sampler's own arithmetic
+  (tests/test_device_step.py and tests/test_backend_parity.py).
+
+Tests of an AVX-512 kernel skip on a CPU without it (they would compare ggml with itself)."""
 
 from __future__ import annotations
 
@@ -13,62 +19,96 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-_SCRIPT = r"""
-import sys, numpy as np, pydgemma
-model = pydgemma.Model(sys.argv[1])
-V, C = model.hparams["n_vocab"], model.hparams["canvas_length"]
-rng = np.random.default_rng(3)
-ctx = model.context(n_ctx=128)
-ctx.prefill(rng.integers(3, V, 30))
-canvas = rng.integers(3, V, C)
-first = ctx.denoise(canvas)
-second = ctx.denoise(canvas, first / 0.6)
-ctx.commit(second.argmax(-1).astype(np.int32))
-third = ctx.denoise(canvas)
-np.save(sys.argv[2], np.stack([first, second, third]))
-"""
+import pydgemma
+from cpu_flags import has_avx512, has_avx512_vnni
+
+ALL = set(pydgemma.CPU_KERNELS)
 
 
-def _vnni() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return all(f in flags.split() for f in ("avx512f", "avx512vl", "avx512bw", "avx512_vnni"))
+def _logits(path: Path, kernels) -> tuple[np.ndarray, list[str]]:
+    model = pydgemma.Model(path)
+    V, C = model.hparams["n_vocab"], model.hparams["canvas_length"]
+    rng = np.random.default_rng(3)
+    ctx = model.context(n_ctx=128, cpu_kernels=kernels)
+    ctx.prefill(rng.integers(3, V, 30))
+    canvas = rng.integers(3, V, C)
+    first = ctx.denoise(canvas)
+    second = ctx.denoise(canvas, first / 0.6)
+    ctx.commit(second.argmax(-1).astype(np.int32))
+    third = ctx.denoise(canvas)
+    return np.stack([first, second, third]), ctx.kernels
 
 
-def _logits(model: Path, out: Path, *, kernel: bool) -> np.ndarray:
-    env = dict(os.environ)
-    env.pop("DGEMMA_NO_CPU_KERNELS", None)
-    if not kernel:
-        env["DGEMMA_NO_CPU_KERNELS"] = "1"
-    subprocess.run([sys.executable, "-c", _SCRIPT, str(model), str(out)], check=True, env=env, timeout=300)
-    return np.load(out)
+def _per_token(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
-def _avx512() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "avx512f" in flags.split()
-
-
-def test_q8_0_matmuls_match_ggml_bit_for_bit(converted: dict[str, Path], tmp_path: Path) -> None:
-    """Steps without self-conditioning (the first, and one after a commit). On a CPU without
-    AVX-512 VNNI both runs take ggml's path (and agree trivially)."""
-    ours = _logits(converted["q8_0"], tmp_path / "ours.npy", kernel=True)
-    ggml_path = _logits(converted["q8_0"], tmp_path / "ggml.npy", kernel=False)
-    assert ours.shape[0] == 3 and np.isfinite(ours).all()
+@pytest.mark.skipif(not has_avx512_vnni(), reason="the Q8_0 kernels need AVX-512 VNNI (ggml's products run here)")
+def test_q8_0_matmuls_match_ggml_bit_for_bit(converted: dict[str, Path]) -> None:
+    """Steps without self-conditioning (the first, and one after a commit)."""
+    ours, on = _logits(converted["q8_0"], ALL)
+    ggml_path, off = _logits(converted["q8_0"], ALL - {"q8_0_matmul"})
+    assert "q8_0_matmul" in on and "q8_0_matmul" not in off
+    assert np.isfinite(ours).all()
     np.testing.assert_array_equal(ours[[0, 2]], ggml_path[[0, 2]])
-    if _vnni():
-        import gguf
+    import gguf
 
-        matrices = [t for t in gguf.GGUFReader(converted["q8_0"]).tensors if t.name.endswith(".weight") and
-                    len(t.shape) >= 2 and "norm" not in t.name and "ffn_gate_inp" not in t.name]
-        # every matmul weight qualifies for the kernels, so the comparison above covered them
-        assert matrices and all(t.tensor_type.name == "Q8_0" and int(t.shape[0]) % 32 == 0 for t in matrices)
+    matrices = [t for t in gguf.GGUFReader(converted["q8_0"]).tensors if t.name.endswith(".weight") and
+                len(t.shape) >= 2 and "norm" not in t.name and "ffn_gate_inp" not in t.name]
+    # every matmul weight qualifies for the kernels, so the comparison above covered them
+    assert matrices and all(t.tensor_type.name == "Q8_0" and int(t.shape[0]) % 32 == 0 for t in matrices)
 
 
-def test_self_conditioning_mix_differs_by_f16_rounding_only(converted: dict[str, Path], tmp_path: Path) -> None:
-    ours = _logits(converted["f16"], tmp_path / "ours.npy", kernel=True)[1]
-    ggml_path = _logits(converted["f16"], tmp_path / "ggml.npy", kernel=False)[1]
-    per_token = np.linalg.norm(ours - ggml_path, axis=-1) / np.linalg.norm(ggml_path, axis=-1)
+@pytest.mark.skipif(not has_avx512(), reason="the self-conditioning kernel needs AVX-512 (ggml's product runs here)")
+def test_self_conditioning_mix_differs_by_f16_rounding_only(converted: dict[str, Path]) -> None:
+    ours, on = _logits(converted["f16"], ALL)
+    ggml_path, off = _logits(converted["f16"], ALL - {"self_cond_mix"})
+    assert "self_cond_mix" in on and "self_cond_mix" not in off
+    per_token = _per_token(ours[1], ggml_path[1])
     assert np.median(per_token) < 1e-3 and per_token.max() < 1e-2
-    if _avx512():
-        assert not np.array_equal(ours, ggml_path)  # the kernel really ran
+    assert not np.array_equal(ours[1], ggml_path[1])  # the kernel really ran
+    np.testing.assert_array_equal(ours[[0, 2]], ggml_path[[0, 2]])  # no self-conditioning: nothing else changed
+
+
+def test_activations_match_the_stock_f32_ops(converted: dict[str, Path]) -> None:
+    """GELU (every MLP and expert) and the final softcap: a few float32 ulps apart, on any CPU."""
+    ours, on = _logits(converted["f32"], ALL)
+    stock, off = _logits(converted["f32"], ALL - {"activations"})
+    assert "activations" in on and "activations" not in off
+    per_token = _per_token(ours, stock)
+    assert np.median(per_token) < 1e-6 and per_token.max() < 1e-5
+    assert not np.array_equal(ours, stock)  # a different exp really ran
+
+
+def test_the_policy_follows_the_cpu_and_the_mask(converted: dict[str, Path]) -> None:
+    model = pydgemma.Model(converted["q8_0"])
+    expected = [k for k in pydgemma.CPU_KERNELS if k not in ({"q8_0_matmul"} if not has_avx512_vnni() else set()) |
+                ({"self_cond_mix"} if not has_avx512() else set())]
+    assert model.context(n_ctx=32, cpu_kernels="all").kernels == expected
+    assert model.context(n_ctx=32, cpu_kernels="none").kernels == []
+    assert model.context(n_ctx=32, cpu_kernels=["sampler"]).kernels == ["sampler"]
+    with pytest.raises(pydgemma.PydgemmaError, match="unknown CPU kernel 'gemm'"):
+        model.context(n_ctx=32, cpu_kernels=["gemm"])
+
+
+@pytest.mark.parametrize(("value", "kernels"), [("1", []), ("all", []), ("", None), ("0", None),
+                                                 ("sampler,activations", ["q8_0_matmul", "self_cond_mix"])])
+def test_dgemma_no_cpu_kernels(converted: dict[str, Path], value: str, kernels: list[str] | None) -> None:
+    script = "import sys, pydgemma; print(' '.join(pydgemma.Model(sys.argv[1]).context(n_ctx=32).kernels))"
+    env = {**os.environ, "DGEMMA_NO_CPU_KERNELS": value}
+    r = subprocess.run([sys.executable, "-c", script, str(converted["q8_0"])], capture_output=True, text=True, env=env,
+                       timeout=120, check=True)
+    everything = pydgemma.Model(converted["q8_0"]).context(n_ctx=32, cpu_kernels="all").kernels
+    expected = everything if kernels is None else [k for k in kernels if k in everything]
+    assert r.stdout.split() == expected
+
+
+def test_dgemma_no_cpu_kernels_names_an_unknown_kernel(converted: dict[str, Path]) -> None:
+    env = {**os.environ, "DGEMMA_NO_CPU_KERNELS": "sampler,gemm"}
+    r = subprocess.run([sys.executable, "-m", "pydgemma", "run", "-m", str(converted["f32"]), "-p", "hi",
+                        "--max-tokens", "4"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "error: DGEMMA_NO_CPU_KERNELS: unknown kernel 'gemm' (known: 1, all, q8_0_matmul, self_cond_mix, activations, sampler)"]

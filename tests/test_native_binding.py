@@ -45,10 +45,35 @@ def test_every_exported_symbol_is_declared() -> None:
 
 def test_cdef_extraction() -> None:
     cdef = _native.cdef_from_header(HEADER.read_text())
-    assert "DG_API" not in cdef and "#" not in cdef and "/*" not in cdef
+    # the one preprocessor line cffi reads is the ABI version constant
+    assert [line for line in cdef.splitlines() if "#" in line] == [f"#define DG_ABI_VERSION {_native.native().abi_version}"]
+    assert "DG_API" not in cdef and "/*" not in cdef
     assert "typedef struct dg_model dg_model;" in cdef
     with pytest.raises(_native.NativeLibraryError, match="markers"):
         _native.cdef_from_header("int x;")
+
+
+def test_abi_version_of_library_and_header() -> None:
+    nat = _native.native()
+    assert nat.abi_version == _native.abi_version_of_header(HEADER.read_text()) == nat.lib.dg_abi_version() >= 2
+    assert nat.lib.DG_ABI_VERSION == nat.abi_version
+
+
+def test_binding_refuses_a_library_of_another_abi(tmp_path: Path) -> None:
+    """A header whose DG_ABI_VERSION differs from the library's: the binding refuses to load."""
+    import ggml
+
+    nat = _native.native()
+    (tmp_path / "include").mkdir()
+    (tmp_path / _native.LIBRARY_NAME).symlink_to(nat.library_path)
+    other = re.sub(r"#define DG_ABI_VERSION \d+", "#define DG_ABI_VERSION 999", HEADER.read_text())
+    (tmp_path / "include" / "dgemma.h").write_text(other)
+    env = {"PYDGEMMA_LIBRARY": str(tmp_path / _native.LIBRARY_NAME),
+           "LD_LIBRARY_PATH": str(Path(ggml.__file__).parent / "lib"), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", "pydgemma", "--version"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1
+    assert "declares DG_ABI_VERSION 999" in r.stderr and f"ABI version {nat.abi_version}" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize(("compiler", "flags"), [("cc", ["-x", "c", "-std=c99"]), ("c++", ["-x", "c++", "-std=c++17"])])

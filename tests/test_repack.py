@@ -1,5 +1,11 @@
-"""Quantized matmul weights in ggml's CPU repack buffer (Model(repack=True), the default) compute
-the same forward pass as weights read straight from the file mapping."""
+"""Quantized matmul weights in ggml's CPU repack buffer (Model(repack=True), the default) against
+weights read straight from the file mapping.
+
+ggml picks its repacked kernels by the instruction set it was compiled for. What holds on every
+x86-64 CPU with AVX2: a repacked model is as close to the F32 model as the plain one. Where ggml's
+CPU build reports AVX-512, its repacked Q4_K kernels differ from the plain ones in summation order
+only (measured: ~2e-7 per token); its AVX2 kernels compute differently (measured on a Zen 3: 1.8e-2
+per token) without being worse."""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import pydgemma
 
 
 @pytest.fixture(scope="module")
-def q4_k_m(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny model wide enough (rows of 256) for real Q4_K tensors, which ggml repacks on x86."""
     from pydgemma.models.tiny_checkpoint import TinySpec, build_tiny_checkpoint
     from pydgemma.quantize import convert
@@ -23,7 +29,7 @@ def q4_k_m(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     head_dim=64, global_head_dim=64, canvas_length=32)
     f32 = convert(build_tiny_checkpoint(work / "hf", spec), work / "f32.gguf", out_type="f32").path
     quantize(f32, work / "q4_k_m.gguf", mix="Q4_K_M")
-    return work / "q4_k_m.gguf"
+    return {"f32": f32, "q4_k_m": work / "q4_k_m.gguf"}
 
 
 def _logits(path: Path, repack: bool) -> np.ndarray:
@@ -35,15 +41,36 @@ def _logits(path: Path, repack: bool) -> np.ndarray:
     return np.stack([first, ctx.denoise(canvas, first / 0.7)])
 
 
-def test_repacked_weights_give_the_same_logits(q4_k_m: Path) -> None:
-    plain, repacked = _logits(q4_k_m, False), _logits(q4_k_m, True)
+def _per_token(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)).ravel()
+
+
+def _ggml_cpu_features() -> tuple[str, ...]:
+    return next(d.features for d in pydgemma.devices() if d.name == "CPU")
+
+
+def test_repacked_weights_are_as_close_to_f32_as_plain_ones(models: dict[str, Path]) -> None:
+    exact = _logits(models["f32"], False)
+    plain, repacked = _logits(models["q4_k_m"], False), _logits(models["q4_k_m"], True)
+    to_plain, to_repacked = _per_token(plain, exact), _per_token(repacked, exact)
+    # Q4_K_M on rows of 256 is ~0.3 per token from F32; repacking may move a token either way, but
+    # not the model: medians and 90th percentiles within 5 % of each other
+    assert 0.05 < np.median(to_plain) < 1.0
+    assert np.median(to_repacked) <= 1.05 * np.median(to_plain)
+    assert np.quantile(to_repacked, 0.9) <= 1.05 * np.quantile(to_plain, 0.9)
+    if "REPACK" in _ggml_cpu_features() and "AVX2" in _ggml_cpu_features():
+        # ggml has tiled Q4_K kernels here: a different kernel really ran
+        assert not np.array_equal(repacked, plain)
+
+
+@pytest.mark.skipif("AVX512" not in _ggml_cpu_features(),
+                    reason="ggml's AVX2 repacked Q4_K kernels compute differently from its plain ones (not only in "
+                           "summation order); the test above covers them")
+def test_avx512_repacked_kernels_differ_in_summation_order_only(models: dict[str, Path]) -> None:
+    plain, repacked = _logits(models["q4_k_m"], False), _logits(models["q4_k_m"], True)
     # Per token: only the summation order differs (~2e-7), except where that flips a near-tied
     # expert choice for a token (seen on 3 of 64 here, ~1e-3), as with any change of kernel.
-    per_token = np.linalg.norm(repacked - plain, axis=-1) / np.linalg.norm(plain, axis=-1)
+    per_token = _per_token(repacked, plain)
     assert np.median(per_token) < 1e-6
     assert (per_token < 1e-5).mean() >= 0.9 and per_token.max() < 1e-2
-    import ggml
-
-    if ggml.ggml_cpu_has_avx2():
-        # ggml has tiled Q4_K kernels here: a different kernel really ran (summation order differs)
-        assert not np.array_equal(repacked, plain)
+    assert not np.array_equal(repacked, plain)
