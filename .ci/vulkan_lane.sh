@@ -126,9 +126,10 @@ wheel=$(compgen -G "$wheel_dir/ggml_python-$ggml_py_version-*.whl" | head -n1)
 section "venv $venv: the Vulkan ggml-python, then pydgemma[test] built against it"
 python3 -m venv --clear "$venv"
 . "$venv/bin/activate"
-python -m pip install -q "$wheel" scikit-build-core cmake ninja
+# --no-compile: byte-compiling torch & co. would take most of this step (Python compiles on import).
+python -m pip install -q --no-compile "$wheel" scikit-build-core cmake ninja
 # No build isolation: the build must find this venv's ggml-python, not a CPU one from PyPI.
-python -m pip install -q --no-build-isolation "$repo[test]"
+python -m pip install -q --no-compile --no-build-isolation "$repo[test]"
 python -c "import ggml, sys; sys.exit(0 if any(p.name == 'libggml-vulkan.so' for p in __import__('pathlib').Path(ggml.__file__).parent.joinpath('lib').iterdir()) else 'the venv has a ggml-python without Vulkan')"
 
 export GGML_VK_VISIBLE_DEVICES=0 PYDGEMMA_TEST_DEVICE=Vulkan0

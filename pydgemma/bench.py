@@ -69,13 +69,14 @@ def run_bench(model, *, prompt_tokens: int = 64, canvases: int = 1, steps: int |
     step = forward + sc_cost + sample_cost
     # the device step's parts: its graph without self-conditioning is the forward pass plus the
     # sampler's reductions (the forward here is dg_denoise's, which also copies the logits out)
-    d_total = statistics.median(device_step["total"])
     d_first = statistics.median(device_step["first"])
-    d_sc = max(0.0, statistics.median(device_step["with_self_conditioning"]) - d_first)
-    d_reduce = max(0.0, d_first - forward)
-    d_decide = statistics.median(device_step["decide"])
-    d_python = statistics.median(device_step["python"])
-    d_forward = max(0.0, d_total - d_sc - d_reduce - d_decide - d_python)
+    d_parts = {  # clamped at 0 and normalised: each median carries its own noise
+        "forward": min(forward, d_first),
+        "self_conditioning": max(0.0, statistics.median(device_step["with_self_conditioning"]) - d_first),
+        "sampler": max(0.0, d_first - forward) + statistics.median(device_step["decide"]),
+        "python": statistics.median(device_step["python"]),
+    }
+    d_sum = sum(d_parts.values()) or 1.0
     return {
         "model": {"n_layer": hp["n_layer"], "n_embd": hp["n_embd"], "n_vocab": V, "canvas_length": C,
                   "n_expert": hp["n_expert"], "file_size": model.file_size, "device": model.device,
@@ -95,8 +96,7 @@ def run_bench(model, *, prompt_tokens: int = 64, canvases: int = 1, steps: int |
             "sampler_decide": _ms(device_step["decide"]),
             "python": _ms(device_step["python"]),
             "total": _ms(device_step["total"]),
-            "share": {"forward": d_forward / d_total, "self_conditioning": d_sc / d_total,
-                      "sampler": (d_reduce + d_decide) / d_total, "python": d_python / d_total},
+            "share": {k: v / d_sum for k, v in d_parts.items()},
             "bytes_to_device": device_step["bytes_to_device"],
             "bytes_from_device": device_step["bytes_from_device"],
         },

@@ -23,6 +23,14 @@ def test_bench_json(converted: dict[str, Path]) -> None:
     assert abs(sum(step["share"].values()) - 1.0) < 1e-9
     assert data["prefill_tok_per_s"] > 0 and data["peak_rss_bytes"] > 10 * 2**20
     assert data["sc_top_k"] == 0
+    # the device step: its parts, and O(canvas) bytes per step (16 positions: canvas, positions and
+    # uniforms in, plus the temperature; argmax, draw and entropy out)
+    dev = data["step"]
+    assert dev["graph_with_self_conditioning"]["median_ms"] > 0 and dev["total"]["median_ms"] > 0
+    assert abs(sum(dev["share"].values()) - 1.0) < 1e-9
+    assert dev["bytes_to_device"] == 12 * 16 + 4 and dev["bytes_from_device"] == 12 * 16
+    assert gen["bytes_to_device_per_step"] == 12 * 16 + 4 and gen["bytes_from_device_per_step"] == 12 * 16
+    assert set(gen["timings"]) == {"total", "prefill", "steps", "sampler", "callback", "python"}
     # the CPU backend reports how ggml was built (what decides whether its tiled matmuls are there)
     import ggml
 
@@ -36,7 +44,7 @@ def test_bench_table(converted: dict[str, Path]) -> None:
                         "--repeat", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     for label in ("prefill", "denoise step: forward", "self-conditioning", "sampler", "tokens per forward", "peak RSS",
-                  "ggml features"):
+                  "ggml features", "device step", "bytes per step", "python"):
         assert label in r.stdout
     import ggml
 

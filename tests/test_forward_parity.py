@@ -106,7 +106,9 @@ def test_half_precision_weights(setup, weights: str) -> None:
     MoE routing decision for one token, which then moves that token's logits by ~0.1 and, through
     bidirectional canvas attention, the others' by a few 1e-3: a property of the arithmetic, not of
     the graph (F32 weights give 1e-6). So the bound is per token: the median token of every step
-    within 1e-2 relative L2, and for F16 at least 90 % of the tokens."""
+    within 1e-2 relative L2, and for F16 all tokens but two (a flipped token and the one its
+    attention disturbs most: on an Intel Xeon with AVX-512 BF16/AMX the neighbour came to 1.07e-2,
+    where AMD Zen 4 stayed below 1e-2) and at least 90 % of the argmaxes."""
     spec, ckpts, ggufs = setup
     prompt, canvases = inputs(spec, seed=0, prompt_len=3 * spec.sliding_window + 5)
     ref, sc_inputs, _ = run_flow(reference(ckpts[weights], weights), prompt, canvases)
@@ -116,7 +118,7 @@ def test_half_precision_weights(setup, weights: str) -> None:
         per_token = np.linalg.norm(o.astype(np.float64) - r, axis=1) / np.linalg.norm(r, axis=1)
         assert np.median(per_token) <= 1e-2, f"step {step}: median token error {np.median(per_token):.2e}"
         if weights == "f16":  # BF16 activations (8-bit mantissa) put typical tokens at 5e-3..1e-2 already
-            assert np.mean(per_token <= 1e-2) >= 0.9, f"step {step}: token errors {np.sort(per_token)[-4:]}"
+            assert np.sum(per_token > 1e-2) <= 2, f"step {step}: token errors {np.sort(per_token)[-4:]}"
         assert np.mean(o.argmax(-1) == r.argmax(-1)) >= 0.9, f"step {step}"
 
 
