@@ -183,24 +183,8 @@ void Context::release() {
         ggml_backend_sched_free(sched_);
         sched_ = nullptr;
     }
-    if (embd_t_buffer_ != nullptr) {
-        ggml_backend_buffer_free(embd_t_buffer_);
-        embd_t_buffer_ = nullptr;
-    }
-    if (embd_t_ctx_ != nullptr) {
-        ggml_free(embd_t_ctx_);
-        embd_t_ctx_ = nullptr;
-        embd_t_     = nullptr;
-    }
-    if (sc_state_buffer_ != nullptr) {
-        ggml_backend_buffer_free(sc_state_buffer_);
-        sc_state_buffer_ = nullptr;
-    }
-    if (sc_state_ctx_ != nullptr) {
-        ggml_free(sc_state_ctx_);
-        sc_state_ctx_ = nullptr;
-        sc_state_     = nullptr;
-    }
+    embd_t_.reset();
+    sc_state_.reset();
     sc_state_valid_ = false;
     if (backend_cpu_ != nullptr && backend_cpu_ != backend_) {
         ggml_backend_free(backend_cpu_);
@@ -292,7 +276,7 @@ void Context::step(const int32_t * canvas, uint32_t n, float temperature, const 
         if (!hp.has_self_conditioning) {
             fail(DG_ERR_UNSUPPORTED, "step: this model has no self-conditioning tensors");
         }
-        if (!sc_state_valid_ || sc_state_->ne[1] != n) {
+        if (!sc_state_valid_ || sc_state_.get()->ne[1] != n) {
             fail(DG_ERR_INVALID_ARG, "step: self_cond needs a previous step on this canvas (same length, no prefill, "
                                      "commit or reset since)");
         }
@@ -421,7 +405,7 @@ const ForwardTensors & Context::prepare(const ForwardShape & requested, const in
         drop_graph();
         graph_ctx_ = graph_context(graph_mem_);
         graph_     = ggml_new_graph_custom(graph_ctx_, graph_size_for(hp), false);
-        graph_io_  = build_forward(graph_ctx_, graph_, model_, cache_, shape, policy_, embd_t_, sc_state_);
+        graph_io_  = build_forward(graph_ctx_, graph_, model_, cache_, shape, policy_, embd_t_.get(), sc_state_.get());
         ggml_backend_sched_reset(sched_);
         if (!ggml_backend_sched_alloc_graph(sched_, graph_)) {
             drop_graph();
@@ -523,31 +507,39 @@ void Context::check_backend_support() const {
 }
 
 void Context::ensure_sc_state(uint32_t n) {
-    if (sc_state_ != nullptr && sc_state_->ne[1] == n) {
+    if (sc_state_.get() != nullptr && sc_state_.get()->ne[1] == n) {
         return;
     }
     drop_graph();  // graphs refer to the old tensor
-    if (sc_state_buffer_ != nullptr) {
-        ggml_backend_buffer_free(sc_state_buffer_);
-        sc_state_buffer_ = nullptr;
-    }
-    if (sc_state_ctx_ != nullptr) {
-        ggml_free(sc_state_ctx_);
-    }
     sc_state_valid_ = false;
+    sc_state_.alloc(backend_, GGML_TYPE_F32, model_.hparams().n_vocab, n, "sc_state", "the self-conditioning state of the step loop");
+}
+
+void DeviceTensor::alloc(ggml_backend * backend, int type, int64_t ne0, int64_t ne1, const char * name, const char * what) {
+    reset();
     ggml_init_params p{};
-    p.mem_size    = ggml_tensor_overhead();
-    p.no_alloc    = true;
-    sc_state_ctx_ = ggml_init(p);
-    sc_state_     = ggml_new_tensor_2d(sc_state_ctx_, GGML_TYPE_F32, model_.hparams().n_vocab, n);
-    ggml_set_name(sc_state_, "sc_state");
-    sc_state_buffer_ = ggml_backend_alloc_ctx_tensors_from_buft(sc_state_ctx_, ggml_backend_get_default_buffer_type(backend_));
-    if (sc_state_buffer_ == nullptr) {
-        ggml_free(sc_state_ctx_);
-        sc_state_ctx_ = nullptr;
-        sc_state_     = nullptr;
-        fail(DG_ERR_OUT_OF_MEMORY, "cannot allocate the self-conditioning state of the step loop");
+    p.mem_size = ggml_tensor_overhead();
+    p.no_alloc = true;
+    ctx_       = ggml_init(p);
+    tensor_    = ggml_new_tensor_2d(ctx_, static_cast<ggml_type>(type), ne0, ne1);
+    ggml_set_name(tensor_, name);
+    buffer_ = ggml_backend_alloc_ctx_tensors_from_buft(ctx_, ggml_backend_get_default_buffer_type(backend));
+    if (buffer_ == nullptr) {
+        reset();
+        fail(DG_ERR_OUT_OF_MEMORY, format("cannot allocate %s (%s)", what, gib(ggml_row_size(static_cast<ggml_type>(type), ne0) * ne1).c_str()));
     }
+}
+
+void DeviceTensor::reset() {
+    if (buffer_ != nullptr) {
+        ggml_backend_buffer_free(buffer_);
+    }
+    if (ctx_ != nullptr) {
+        ggml_free(ctx_);
+    }
+    ctx_    = nullptr;
+    buffer_ = nullptr;
+    tensor_ = nullptr;
 }
 
 void Context::imatrix_start() {
@@ -571,52 +563,46 @@ void Context::imatrix_clear() {
 }
 
 void Context::ensure_transposed_embedding() {
-    if (embd_t_ != nullptr) {
+    if (embd_t_.get() != nullptr) {
         return;
     }
     const dg_hparams & hp    = model_.hparams();
     ggml_tensor *      embd  = model_.weights().token_embd;
     const ggml_type    type  = embd->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
 
-    ggml_init_params p{};
-    p.mem_size = ggml_tensor_overhead();
-    p.no_alloc = true;
-    embd_t_ctx_ = ggml_init(p);
-    embd_t_     = ggml_new_tensor_2d(embd_t_ctx_, type, hp.n_vocab, hp.n_embd);
-    ggml_set_name(embd_t_, "token_embd_t");
-    embd_t_buffer_ = ggml_backend_alloc_ctx_tensors_from_buft(embd_t_ctx_, ggml_backend_get_default_buffer_type(backend_));
-    if (embd_t_buffer_ == nullptr) {
-        ggml_free(embd_t_ctx_);
-        embd_t_ctx_ = nullptr;
-        embd_t_     = nullptr;
-        fail(DG_ERR_OUT_OF_MEMORY, "cannot allocate the transposed embedding for self-conditioning");
-    }
-
+    embd_t_.alloc(backend_, type, hp.n_vocab, hp.n_embd, "token_embd_t",
+                  "the transposed embedding for self-conditioning");
+    ggml_tensor * embd_t = embd_t_.get();
     drop_graph();  // the scheduler is about to be reset for other graphs
-    // Dequantize and transpose in slices of rows, so the scratch memory stays small.
-    const uint32_t slice = 16384;
-    std::vector<int32_t> ids;
-    for (uint32_t v0 = 0; v0 < hp.n_vocab; v0 += slice) {
-        const uint32_t m = std::min(slice, hp.n_vocab - v0);
-        GraphScope scope(scratch_mem_);
-        ggml_cgraph * gf = ggml_new_graph_custom(scope.ctx, 64, false);
-        ggml_tensor * rows = ggml_new_tensor_1d(scope.ctx, GGML_TYPE_I32, m);
-        ggml_set_input(rows);
-        ggml_tensor * src = ggml_transpose(scope.ctx, ggml_get_rows(scope.ctx, embd, rows));  // [m, n_embd]
-        ggml_tensor * dst = ggml_view_2d(scope.ctx, embd_t_, m, hp.n_embd, embd_t_->nb[1], embd_t_->nb[0] * v0);
-        ggml_build_forward_expand(gf, ggml_cpy(scope.ctx, src, dst));
-        ggml_backend_sched_reset(sched_);
-        if (!ggml_backend_sched_alloc_graph(sched_, gf)) {
-            fail(DG_ERR_OUT_OF_MEMORY, "cannot allocate the compute buffers");
+    try {  // a half-filled copy must not be taken for a finished one
+        // Dequantize and transpose in slices of rows, so the scratch memory stays small.
+        const uint32_t slice = 16384;
+        std::vector<int32_t> ids;
+        for (uint32_t v0 = 0; v0 < hp.n_vocab; v0 += slice) {
+            const uint32_t m = std::min(slice, hp.n_vocab - v0);
+            GraphScope scope(scratch_mem_);
+            ggml_cgraph * gf = ggml_new_graph_custom(scope.ctx, 64, false);
+            ggml_tensor * rows = ggml_new_tensor_1d(scope.ctx, GGML_TYPE_I32, m);
+            ggml_set_input(rows);
+            ggml_tensor * src = ggml_transpose(scope.ctx, ggml_get_rows(scope.ctx, embd, rows));  // [m, n_embd]
+            ggml_tensor * dst = ggml_view_2d(scope.ctx, embd_t, m, hp.n_embd, embd_t->nb[1], embd_t->nb[0] * v0);
+            ggml_build_forward_expand(gf, ggml_cpy(scope.ctx, src, dst));
+            ggml_backend_sched_reset(sched_);
+            if (!ggml_backend_sched_alloc_graph(sched_, gf)) {
+                fail(DG_ERR_OUT_OF_MEMORY, "cannot allocate the compute buffers");
+            }
+            ids.resize(m);
+            for (uint32_t i = 0; i < m; ++i) {
+                ids[i] = static_cast<int32_t>(v0 + i);
+            }
+            ggml_backend_tensor_set(rows, ids.data(), 0, sizeof(int32_t) * m);
+            if (ggml_backend_sched_graph_compute(sched_, gf) != GGML_STATUS_SUCCESS) {
+                fail(DG_ERR_BACKEND, "the backend failed to transpose the embedding");
+            }
         }
-        ids.resize(m);
-        for (uint32_t i = 0; i < m; ++i) {
-            ids[i] = static_cast<int32_t>(v0 + i);
-        }
-        ggml_backend_tensor_set(rows, ids.data(), 0, sizeof(int32_t) * m);
-        if (ggml_backend_sched_graph_compute(sched_, gf) != GGML_STATUS_SUCCESS) {
-            fail(DG_ERR_BACKEND, "the backend failed to transpose the embedding");
-        }
+    } catch (...) {
+        embd_t_.reset();
+        throw;
     }
 }
 

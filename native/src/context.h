@@ -25,7 +25,26 @@ namespace dg {
 class GgufModel;
 class ImatrixCollector;
 
-// What the step loop moved and spent (dg_context_stats).
+// One tensor in its own buffer on a backend (state that outlives graphs).
+class DeviceTensor {
+public:
+    DeviceTensor() = default;
+    ~DeviceTensor() { reset(); }
+    DeviceTensor(const DeviceTensor &) = delete;
+    DeviceTensor & operator=(const DeviceTensor &) = delete;
+
+    // Allocates [ne0, ne1] of `type` in the default buffer of `backend`; fails with `what` in the message.
+    void alloc(ggml_backend * backend, int type, int64_t ne0, int64_t ne1, const char * name, const char * what);
+    void reset();
+    ggml_tensor * get() const { return tensor_; }
+
+private:
+    ggml_context *        ctx_ = nullptr;
+    ggml_backend_buffer * buffer_ = nullptr;
+    ggml_tensor *         tensor_ = nullptr;
+};
+
+// What the step loop moved and spent (dg_step_stats).
 struct StepStats {
     uint64_t steps = 0;
     uint64_t bytes_to_device = 0;
@@ -108,12 +127,8 @@ private:
     ForwardShape                graph_shape_;
     bool                        have_graph_ = false;  // graph_ is built and allocated for graph_shape_
     std::vector<uint8_t>        scratch_mem_;      // metadata of one-off graphs
-    ggml_context *              embd_t_ctx_ = nullptr;
-    ggml_backend_buffer *       embd_t_buffer_ = nullptr;
-    ggml_tensor *               embd_t_ = nullptr;       // [n_vocab, n_embd], for self-conditioning
-    ggml_context *              sc_state_ctx_ = nullptr;
-    ggml_backend_buffer *       sc_state_buffer_ = nullptr;
-    ggml_tensor *               sc_state_ = nullptr;     // F32 [n_vocab, n]: the last step's processed logits
+    DeviceTensor                embd_t_;                 // [n_vocab, n_embd], for self-conditioning
+    DeviceTensor                sc_state_;               // F32 [n_vocab, n]: the last step's processed logits
     bool                        sc_state_valid_ = false;
     StepStats                   stats_;
     std::unique_ptr<ImatrixCollector> imatrix_;          // null until imatrix_start()
