@@ -5,12 +5,16 @@ Unset PYDGEMMA_TEST_DEVICE (every test run): the CPU with stock ggml ops only (c
 what every other backend runs) against the CPU with our kernels. PYDGEMMA_TEST_DEVICE=Vulkan0 (CI's
 Vulkan lane on lavapipe): that device against the CPU.
 
-Tolerances (per-token relative L2 of logits; `_TOL`):
+Tolerances (per-token relative L2 of logits, median and 95th percentile; `_TOL`):
 * CPU stock vs custom: our GELU/softcap differ from the stock f32 ops by a few ulps (1e-7), which
   six layers carry to ~1e-6; a near-tied expert choice can flip for a token (seen ~1e-3).
-* Vulkan: ggml-vulkan's matrix products round their activations to F16 (11-bit mantissa: 2.4e-4
-  relative per element), ~3e-3 per token after six layers, more with self-conditioning, whose
-  softmax over the vocabulary feeds F16 probabilities into one more product.
+* Vulkan, F32 weights: ggml-vulkan's matrix products round their activations to F16 (11-bit
+  mantissa, 2.4e-4 relative per element): measured on lavapipe 0.9-1.4e-3 per token (median), up to
+  6e-3 for a token whose expert choice flipped; bounds 3e-3 / 1e-2.
+* Vulkan, Q8_0 weights: the reference is the CPU, whose Q8_0 products quantize their activations to
+  8-bit blocks (an error up to 1/254 of each 32-value block's maximum, ~0.5 % per element), while
+  Vulkan without integer dot products (lavapipe) multiplies F16 activations: measured 1.7-2.4e-2
+  (median), 2.4-6e-2 (p95); bounds 3e-2 / 8e-2 (with self-conditioning 4e-2 / 1e-1).
 """
 
 from __future__ import annotations
@@ -27,8 +31,12 @@ from pydgemma.sampler import Sampler
 
 DEVICE = device_under_test()
 ON_CPU = DEVICE.upper() == "CPU"
-# (median, 95th percentile) of per-token relative L2 against the CPU's custom-op path
-_TOL = {"plain": (1e-5, 1e-4), "self_cond": (1e-5, 1e-4)} if ON_CPU else {"plain": (1e-2, 3e-2), "self_cond": (2e-2, 6e-2)}
+# (median, 95th percentile) of per-token relative L2 against the CPU's custom-op path, by weights and step kind
+if ON_CPU:
+    _TOL = {(w, k): (1e-5, 1e-4) for w in ("f32", "q8_0") for k in ("plain", "self_cond")}
+else:
+    _TOL = {("f32", "plain"): (3e-3, 1e-2), ("f32", "self_cond"): (3e-3, 1e-2),
+            ("q8_0", "plain"): (3e-2, 8e-2), ("q8_0", "self_cond"): (4e-2, 1e-1)}
 MODELS = ["f32", "q8_0", "odd-f32", "odd-q8_0"]
 
 
@@ -101,7 +109,7 @@ def test_denoise_logits_match(paths: dict[str, Path], name: str) -> None:
     (a1, a2, a3), (b1, b2, b3) = outs
     for got, want, kind in ((a1, b1, "plain"), (a2, b2, "self_cond"), (a3, b3, "plain")):
         e = per_token(got, want)
-        med, p95 = _TOL[kind]
+        med, p95 = _TOL["q8_0" if "q8_0" in name else "f32", kind]
         assert np.median(e) < med and np.quantile(e, 0.95) < p95, (kind, float(np.median(e)), float(e.max()))
 
 
