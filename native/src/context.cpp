@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <thread>
@@ -58,7 +59,7 @@ struct MemoryPlan {
     uint64_t kv = 0;
     uint64_t compute = 0;    // the largest pass's activations (an estimate)
     uint64_t self_cond = 0;  // the transposed embedding
-    uint64_t sc_state = 0;   // one canvas of processed logits kept on the device between steps
+    uint64_t sc_state = 0;   // processed logits kept on the device between steps (two canvases)
     uint64_t total() const { return weights + kv + compute + self_cond + sc_state; }
 };
 
@@ -90,7 +91,7 @@ MemoryPlan plan_memory(const GgufModel & model, uint32_t n_ctx, uint32_t n_batch
         m.self_cond = uint64_t(hp.n_vocab) * hp.n_embd * (model.weights().token_embd->type == GGML_TYPE_F32 ? 4 : 2);
     }
     if (hp.has_self_conditioning) {
-        m.sc_state = 4 * C * hp.n_vocab;
+        m.sc_state = 2 * 4 * C * hp.n_vocab;  // sc_prev and sc_next
     }
     return m;
 }
@@ -184,7 +185,8 @@ void Context::release() {
         sched_ = nullptr;
     }
     embd_t_.reset();
-    sc_state_.reset();
+    sc_next_.reset();
+    sc_prev_.reset();
     sc_state_valid_ = false;
     if (backend_cpu_ != nullptr && backend_cpu_ != backend_) {
         ggml_backend_free(backend_cpu_);
@@ -276,7 +278,7 @@ void Context::step(const int32_t * canvas, uint32_t n, float temperature, const 
         if (!hp.has_self_conditioning) {
             fail(DG_ERR_UNSUPPORTED, "step: this model has no self-conditioning tensors");
         }
-        if (!sc_state_valid_ || sc_state_.get()->ne[1] != n) {
+        if (!sc_state_valid_ || sc_next_.get()->ne[1] != n) {
             fail(DG_ERR_INVALID_ARG, "step: self_cond needs a previous step on this canvas (same length, no prefill, "
                                      "commit or reset since)");
         }
@@ -294,6 +296,9 @@ void Context::step(const int32_t * canvas, uint32_t n, float temperature, const 
     shape.self_cond = self_cond ? SelfCond::DEVICE : SelfCond::NONE;
     shape.sc_top_k  = sc_top_k_;
     shape.sample    = true;
+    if (self_cond) {
+        ggml_backend_tensor_copy(sc_next_.get(), sc_prev_.get());  // on the device
+    }
     const ForwardTensors & io = prepare(shape, canvas);
     set_input(io.temperature, &temperature, sizeof(float), true);
     set_input(io.uniforms, uniforms, sizeof(float) * n, true);
@@ -405,7 +410,8 @@ const ForwardTensors & Context::prepare(const ForwardShape & requested, const in
         drop_graph();
         graph_ctx_ = graph_context(graph_mem_);
         graph_     = ggml_new_graph_custom(graph_ctx_, graph_size_for(hp), false);
-        graph_io_  = build_forward(graph_ctx_, graph_, model_, cache_, shape, policy_, embd_t_.get(), sc_state_.get());
+        graph_io_  = build_forward(graph_ctx_, graph_, model_, cache_, shape, policy_, embd_t_.get(), sc_prev_.get(),
+                                   sc_next_.get());
         ggml_backend_sched_reset(sched_);
         if (!ggml_backend_sched_alloc_graph(sched_, graph_)) {
             drop_graph();
@@ -472,6 +478,7 @@ void Context::check_backend_support() const {
     ggml_tensor *        embd_t = ggml_new_tensor_2d(scope.ctx, model_.weights().token_embd->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16,
                                                      hp.n_vocab, hp.n_embd);
     ggml_tensor *        state  = ggml_new_tensor_2d(scope.ctx, GGML_TYPE_F32, hp.n_vocab, hp.canvas_length);
+    ggml_tensor *        state_next = ggml_new_tensor_2d(scope.ctx, GGML_TYPE_F32, hp.n_vocab, hp.canvas_length);
     const uint32_t       n_past = std::min<uint32_t>(1, cache_.n_ctx() - 1);
     ForwardShape decode;
     decode.pass      = Pass::DECODE;
@@ -486,7 +493,8 @@ void Context::check_backend_support() const {
     encode.n_past   = n_past;
     for (const ForwardShape & shape : {decode, encode}) {
         ggml_cgraph * gf = ggml_new_graph_custom(scope.ctx, graph_size_for(hp), false);
-        build_forward(scope.ctx, gf, model_, cache_, shape, policy_, embd_t, hp.has_self_conditioning ? state : nullptr);
+        build_forward(scope.ctx, gf, model_, cache_, shape, policy_, embd_t, hp.has_self_conditioning ? state : nullptr,
+                      hp.has_self_conditioning ? state_next : nullptr);
         for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
             ggml_tensor * node = ggml_graph_node(gf, i);
             switch (node->op) {
@@ -507,12 +515,13 @@ void Context::check_backend_support() const {
 }
 
 void Context::ensure_sc_state(uint32_t n) {
-    if (sc_state_.get() != nullptr && sc_state_.get()->ne[1] == n) {
+    if (sc_next_.get() != nullptr && sc_next_.get()->ne[1] == n) {
         return;
     }
     drop_graph();  // graphs refer to the old tensor
     sc_state_valid_ = false;
-    sc_state_.alloc(backend_, GGML_TYPE_F32, model_.hparams().n_vocab, n, "sc_state", "the self-conditioning state of the step loop");
+    sc_next_.alloc(backend_, GGML_TYPE_F32, model_.hparams().n_vocab, n, "sc_next", "the self-conditioning state of the step loop");
+    sc_prev_.alloc(backend_, GGML_TYPE_F32, model_.hparams().n_vocab, n, "sc_prev", "the self-conditioning state of the step loop");
 }
 
 void DeviceTensor::alloc(ggml_backend * backend, int type, int64_t ne0, int64_t ne1, const char * name, const char * what) {
@@ -573,36 +582,89 @@ void Context::ensure_transposed_embedding() {
     embd_t_.alloc(backend_, type, hp.n_vocab, hp.n_embd, "token_embd_t",
                   "the transposed embedding for self-conditioning");
     ggml_tensor * embd_t = embd_t_.get();
-    drop_graph();  // the scheduler is about to be reset for other graphs
     try {  // a half-filled copy must not be taken for a finished one
-        // Dequantize and transpose in slices of rows, so the scratch memory stays small.
-        const uint32_t slice = 16384;
-        std::vector<int32_t> ids;
-        for (uint32_t v0 = 0; v0 < hp.n_vocab; v0 += slice) {
-            const uint32_t m = std::min(slice, hp.n_vocab - v0);
-            GraphScope scope(scratch_mem_);
-            ggml_cgraph * gf = ggml_new_graph_custom(scope.ctx, 64, false);
-            ggml_tensor * rows = ggml_new_tensor_1d(scope.ctx, GGML_TYPE_I32, m);
-            ggml_set_input(rows);
-            ggml_tensor * src = ggml_transpose(scope.ctx, ggml_get_rows(scope.ctx, embd, rows));  // [m, n_embd]
-            ggml_tensor * dst = ggml_view_2d(scope.ctx, embd_t, m, hp.n_embd, embd_t->nb[1], embd_t->nb[0] * v0);
-            ggml_build_forward_expand(gf, ggml_cpy(scope.ctx, src, dst));
-            ggml_backend_sched_reset(sched_);
-            if (!ggml_backend_sched_alloc_graph(sched_, gf)) {
-                fail(DG_ERR_OUT_OF_MEMORY, "cannot allocate the compute buffers");
-            }
-            ids.resize(m);
-            for (uint32_t i = 0; i < m; ++i) {
-                ids[i] = static_cast<int32_t>(v0 + i);
-            }
-            ggml_backend_tensor_set(rows, ids.data(), 0, sizeof(int32_t) * m);
-            if (ggml_backend_sched_graph_compute(sched_, gf) != GGML_STATUS_SUCCESS) {
-                fail(DG_ERR_BACKEND, "the backend failed to transpose the embedding");
-            }
+        if (ggml_backend_dev_type(model_.device()) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+            transpose_embedding_in_graphs(embd, embd_t);
+        } else {
+            transpose_embedding_on_host(embd, embd_t);
         }
     } catch (...) {
         embd_t_.reset();
         throw;
+    }
+}
+
+// The CPU backend: dequantize and transpose in slices of rows with ggml's threads, so the scratch
+// memory stays small.
+void Context::transpose_embedding_in_graphs(ggml_tensor * embd, ggml_tensor * embd_t) {
+    const dg_hparams & hp = model_.hparams();
+    drop_graph();  // the scheduler is about to be reset for other graphs
+    const uint32_t slice = 16384;
+    std::vector<int32_t> ids;
+    for (uint32_t v0 = 0; v0 < hp.n_vocab; v0 += slice) {
+        const uint32_t m = std::min(slice, hp.n_vocab - v0);
+        GraphScope scope(scratch_mem_);
+        ggml_cgraph * gf = ggml_new_graph_custom(scope.ctx, 64, false);
+        ggml_tensor * rows = ggml_new_tensor_1d(scope.ctx, GGML_TYPE_I32, m);
+        ggml_set_input(rows);
+        ggml_tensor * src = ggml_transpose(scope.ctx, ggml_get_rows(scope.ctx, embd, rows));  // [m, n_embd]
+        ggml_tensor * dst = ggml_view_2d(scope.ctx, embd_t, m, hp.n_embd, embd_t->nb[1], embd_t->nb[0] * v0);
+        ggml_build_forward_expand(gf, ggml_cpy(scope.ctx, src, dst));
+        ggml_backend_sched_reset(sched_);
+        if (!ggml_backend_sched_alloc_graph(sched_, gf)) {
+            fail(DG_ERR_OUT_OF_MEMORY, "cannot allocate the compute buffers");
+        }
+        ids.resize(m);
+        for (uint32_t i = 0; i < m; ++i) {
+            ids[i] = static_cast<int32_t>(v0 + i);
+        }
+        ggml_backend_tensor_set(rows, ids.data(), 0, sizeof(int32_t) * m);
+        if (ggml_backend_sched_graph_compute(sched_, gf) != GGML_STATUS_SUCCESS) {
+            fail(DG_ERR_BACKEND, "the backend failed to transpose the embedding");
+        }
+    }
+}
+
+// Other devices: dequantize slices of rows from the file mapping on the host, transpose them there
+// and upload each embedding dimension's run of the slice.
+void Context::transpose_embedding_on_host(ggml_tensor * embd, ggml_tensor * embd_t) {
+    const dg_hparams &     hp  = model_.hparams();
+    const TensorRecord *   rec = model_.find_tensor("token_embd.weight");
+    const auto *           traits = ggml_get_type_traits(embd->type);
+    if (rec == nullptr || rec->data == nullptr || (embd->type != GGML_TYPE_F32 && traits->to_float == nullptr)) {
+        fail(DG_ERR_UNSUPPORTED, format("cannot dequantize token_embd.weight (%s) on the host", ggml_type_name(embd->type)));
+    }
+    const size_t   row_bytes = ggml_row_size(embd->type, hp.n_embd);
+    const bool     f16_out   = embd_t->type == GGML_TYPE_F16;
+    const uint32_t slice     = 8192;
+    std::vector<float>       row(hp.n_embd);
+    std::vector<float>       out32;
+    std::vector<ggml_fp16_t> out16;
+    for (uint32_t v0 = 0; v0 < hp.n_vocab; v0 += slice) {
+        const uint32_t m = std::min(slice, hp.n_vocab - v0);
+        (f16_out ? out16.resize(static_cast<size_t>(m) * hp.n_embd) : out32.resize(static_cast<size_t>(m) * hp.n_embd));
+        for (uint32_t i = 0; i < m; ++i) {
+            const uint8_t * src = rec->data + static_cast<size_t>(v0 + i) * row_bytes;
+            if (embd->type == GGML_TYPE_F32) {
+                std::memcpy(row.data(), src, sizeof(float) * hp.n_embd);
+            } else {
+                traits->to_float(src, row.data(), hp.n_embd);
+            }
+            for (uint32_t e = 0; e < hp.n_embd; ++e) {
+                const size_t at = static_cast<size_t>(e) * m + i;
+                if (f16_out) {
+                    out16[at] = ggml_fp32_to_fp16(row[e]);
+                } else {
+                    out32[at] = row[e];
+                }
+            }
+        }
+        const size_t elt = f16_out ? sizeof(ggml_fp16_t) : sizeof(float);
+        for (uint32_t e = 0; e < hp.n_embd; ++e) {
+            const void * run = f16_out ? static_cast<const void *>(out16.data() + static_cast<size_t>(e) * m)
+                                       : static_cast<const void *>(out32.data() + static_cast<size_t>(e) * m);
+            ggml_backend_tensor_set(embd_t, run, embd_t->nb[1] * e + elt * v0, elt * m);
+        }
     }
 }
 

@@ -102,6 +102,8 @@ private:
     void read_rows(const ForwardTensors & io, uint32_t n, RowStats * rows);
     void set_input(ggml_tensor * t, const void * data, size_t size, bool count);
     void ensure_transposed_embedding();
+    void transpose_embedding_in_graphs(ggml_tensor * embd, ggml_tensor * embd_t);
+    void transpose_embedding_on_host(ggml_tensor * embd, ggml_tensor * embd_t);
     void ensure_sc_state(uint32_t n);
     void check_backend_support() const;
     void drop_graph();
@@ -128,7 +130,11 @@ private:
     bool                        have_graph_ = false;  // graph_ is built and allocated for graph_shape_
     std::vector<uint8_t>        scratch_mem_;      // metadata of one-off graphs
     DeviceTensor                embd_t_;                 // [n_vocab, n_embd], for self-conditioning
-    DeviceTensor                sc_state_;               // F32 [n_vocab, n]: the last step's processed logits
+    // The step loop's self-conditioning state, F32 [n_vocab, n] each: a step writes its processed
+    // logits to sc_next_; the next step copies them to sc_prev_ and reads those (one graph never
+    // reads and writes the same buffer).
+    DeviceTensor                sc_next_;
+    DeviceTensor                sc_prev_;
     bool                        sc_state_valid_ = false;
     StepStats                   stats_;
     std::unique_ptr<ImatrixCollector> imatrix_;          // null until imatrix_start()

@@ -130,7 +130,8 @@ void build_sampler(ggml_context * ctx, ggml_cgraph * gf, const dg_hparams & hp, 
     ggml_set_input(io.uniforms);
     ggml_tensor * processed = ggml_div(ctx, logits, io.temperature);
     if (sc_state != nullptr) {
-        processed = ggml_cpy(ctx, processed, sc_state);
+        // a branch of its own, as the KV cache writes are: the reductions read `processed` itself
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, processed, sc_state));
     }
     b.sampler_rows(processed, io.uniforms, io);
     for (ggml_tensor * t : {io.rows, io.argmax, io.draws, io.entropy}) {
@@ -148,7 +149,7 @@ uint32_t swa_kv_start(uint32_t n_past, uint32_t sliding_window) {
 
 ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufModel & model, const KvCache & cache,
                              const ForwardShape & shape, const KernelPolicy & policy, ggml_tensor * embd_t,
-                             ggml_tensor * sc_state) {
+                             ggml_tensor * sc_prev, ggml_tensor * sc_next) {
     const dg_hparams &   hp = model.hparams();
     const ModelWeights & W  = model.weights();
     Builder              b{ctx, hp, policy, policy.q8_0_matmul && !shape.ggml_matmuls_only};
@@ -179,7 +180,7 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
             ggml_set_input(io.sc_logits);
             sc_in = io.sc_logits;
         } else if (shape.self_cond == SelfCond::DEVICE) {
-            sc_in = sc_state;  // read here, before this graph's sampler tail overwrites it
+            sc_in = sc_prev;
         }
         if (sc_in != nullptr) {
             ggml_tensor * mixed = b.self_cond_mix(sc_in, W.token_embd, embd_t, shape.sc_top_k);
@@ -303,7 +304,7 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
         ggml_build_forward_expand(gf, logits);
         return io;
     }
-    build_sampler(ctx, gf, hp, policy, logits, sc_state, io);
+    build_sampler(ctx, gf, hp, policy, logits, sc_next, io);
     return io;
 }
 

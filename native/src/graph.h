@@ -63,12 +63,13 @@ struct ForwardTensors {
 };
 
 // Builds the pass into `gf`. `embd_t` is the transposed embedding [n_vocab, n_embd] for exact
-// self-conditioning (null otherwise); `sc_state` is the F32 [n_vocab, n_tokens] device tensor that
-// holds the processed logits between steps (read with SelfCond::DEVICE, written when sampling; null
-// when the model has no self-conditioning).
+// self-conditioning (null otherwise). `sc_prev` and `sc_next` are F32 [n_vocab, n_tokens] device
+// tensors that carry the processed logits between steps: read from sc_prev with SelfCond::DEVICE,
+// written to sc_next when sampling (null when the model has no self-conditioning). They are two
+// tensors because a backend may not order a read and a later write of one buffer within a graph.
 ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufModel & model, const KvCache & cache,
                              const ForwardShape & shape, const KernelPolicy & policy, ggml_tensor * embd_t,
-                             ggml_tensor * sc_state);
+                             ggml_tensor * sc_prev, ggml_tensor * sc_next);
 
 // The sampler's half of a step over raw logits [n_vocab, n] (spec section 4): processed = logits /
 // io.temperature (written to `sc_state` when given), then the per-position reductions into io's
