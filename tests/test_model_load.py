@@ -424,8 +424,8 @@ def test_fuzzer_findings_are_refused(path: Path) -> None:
 def test_a_context_that_cannot_fit_is_refused_up_front(tmp_path: Path) -> None:
     """KV cache of the real 26B shapes at 262,144 tokens, by hand: 25 sliding layers x K,V x f32 x
     256 dims x 8 heads + 5 full layers x K,V x f32 x 512 dims x 2 heads, per token = 110 GiB; the
-    transposed embedding 262,144 x 2,816 x f16 = 1.4 GiB; a canvas of processed logits kept on the
-    device between steps (the sampler state), 256 x 262,144 x 4 B = 0.25 GiB (printed 0.2)."""
+    transposed embedding 262,144 x 2,816 x f16 = 1.4 GiB; the processed logits kept on the device between
+    steps (the sampler state: the previous and the next step's), 2 x 256 x 262,144 x 4 B = 0.5 GiB."""
     path = tiny_gguf.write_gguf(tmp_path / "real.gguf", tiny_gguf.REAL_26B, header_only=True)
     model = pydgemma.Model(path, device="cpu")
     with pytest.raises(pydgemma.PydgemmaError) as info:
@@ -433,4 +433,4 @@ def test_a_context_that_cannot_fit_is_refused_up_front(tmp_path: Path) -> None:
     message = str(info.value)
     assert info.value.status == "DG_ERR_OUT_OF_MEMORY"
     assert re.match(r"n_ctx = 262144 needs [\d.]+ GiB on CPU \(weights 0\.0 GiB, KV cache 110\.0 GiB, compute ~[\d.]+ GiB, "
-                    r"self-conditioning 1\.4 GiB, sampler state 0\.2 GiB\), [\d.]+ GiB free: use a smaller n_ctx$", message), message
+                    r"self-conditioning 1\.4 GiB, sampler state 0\.5 GiB\), [\d.]+ GiB free: use a smaller n_ctx$", message), message
