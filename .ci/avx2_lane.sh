@@ -17,16 +17,12 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
-export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_PROGRESS_BAR=off DEBIAN_FRONTEND=noninteractive
-
+lane=avx2_lane
 ggml_py_version=0.0.45
-cache_root=${PYDGEMMA_CI_CACHE:-/var/cache/pydgemma-ci}
-wheel_dir="$cache_root/ggml-python-$ggml_py_version-avx2"
+. "$repo/.ci/ggml_lane.sh"
+wheel_dir="${PYDGEMMA_CI_CACHE:-/var/cache/pydgemma-ci}/ggml-python-$ggml_py_version-avx2"
 venv="$repo/.venv-avx2"
 recipe=1                 # bump when the build below changes, to invalidate cached wheels
-start=$SECONDS
-section() { echo "== $* [$((SECONDS - start)) s]"; }
-die() { echo "avx2_lane: $*" >&2; exit 1; }
 
 # --- 1. can this CPU run an AVX2 build? ---------------------------------------------------------
 section "CPU features"
@@ -44,9 +40,6 @@ has_avx512=no
 [[ "$cpu_flags" == *" avx512f "* ]] && has_avx512=yes
 echo "avx avx2 fma f16c bmi2: present (avx512f: $has_avx512)"
 
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-
 if ! command -v c++ >/dev/null; then
     section "apt packages"
     apt-get update -qq
@@ -54,8 +47,6 @@ if ! command -v c++ >/dev/null; then
 fi
 
 # --- 2. the AVX2 ggml-python wheel (cached) -----------------------------------------------------
-# What a cached wheel must match: this recipe only (the build is not native: no CPU in the key).
-cache_key="recipe=$recipe ggml-python=$ggml_py_version arch=x86-64-avx2"
 # ggml 0.15.3's x86 options (vendor/ggml/CMakeLists.txt, src/ggml-cpu/CMakeLists.txt). Each is
 # given explicitly: their defaults follow GGML_NATIVE and SOURCE_DATE_EPOCH. These are the
 # features -march=native enables on Zen 3, the AVX2-only CPU this lane stands for.
@@ -81,47 +72,12 @@ PY
 }
 
 section "AVX2 ggml-python $ggml_py_version wheel ($wheel_dir)"
-wheel_ok() {
-    [ -f "$wheel_dir/COMPLETE" ] && [ "$(cat "$wheel_dir/COMPLETE")" = "$cache_key" ] \
-        && compgen -G "$wheel_dir/ggml_python-$ggml_py_version-*.whl" >/dev/null
-}
-if wheel_ok; then
-    echo "cached: $(basename "$wheel_dir"/ggml_python-*.whl) ($cache_key)"
-else
-    echo "building (about 4 minutes on 2 cores)"
-    python3 -m venv "$work/build-venv"
-    "$work/build-venv/bin/python" -m pip install -q cmake ninja
-    mkdir -p "$cache_root"
-    staging=$(mktemp -d "$cache_root/.building-XXXXXX")
-    # --no-cache-dir: pip's wheel cache would otherwise hand back a native ggml-python built
-    # earlier from the same sdist. CFLAGS/CXXFLAGS unset: a -march=native there would come first
-    # on ggml's command lines and bring AVX-512 back.
-    env -u CFLAGS -u CXXFLAGS CMAKE_ARGS="$(echo $avx2_cmake)" \
-    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) PATH="$work/build-venv/bin:$PATH" \
-        "$work/build-venv/bin/python" -m pip wheel -q --no-cache-dir --no-deps --no-binary ggml-python \
-            -w "$staging" "ggml-python==$ggml_py_version" > "$work/wheel-build.log" 2>&1 \
-        || { tail -n 60 "$work/wheel-build.log" >&2; rm -rf "$staging"; die "the ggml-python build failed"; }
-    whl=$(compgen -G "$staging/ggml_python-$ggml_py_version-*.whl" | head -n1) || true
-    [ -n "$whl" ] || { rm -rf "$staging"; die "pip wheel made no ggml_python wheel"; }
-    mkdir "$work/unzipped"
-    python3 -m zipfile -e "$whl" "$work/unzipped"
-    check_cpu_lib "$work/unzipped/ggml/lib" || { rm -rf "$staging"; exit 1; }
-    echo "$cache_key" > "$staging/COMPLETE"
-    rm -rf "$wheel_dir"
-    mv "$staging" "$wheel_dir"
-    chmod 755 "$wheel_dir"
-    echo "built: $(basename "$whl")"
-fi
-wheel=$(compgen -G "$wheel_dir/ggml_python-$ggml_py_version-*.whl" | head -n1)
+# What a cached wheel must match: this recipe only (the build is not native: no CPU in the key).
+lane_wheel "$wheel_dir" "recipe=$recipe ggml-python=$ggml_py_version arch=x86-64-avx2" "$(echo $avx2_cmake)" check_cpu_lib 4
 
 # --- 3. the venv: AVX2 ggml-python, and pydgemma built against it -------------------------------
 section "venv $venv: the AVX2 ggml-python, then pydgemma[test] built against it"
-python3 -m venv --clear "$venv"
-. "$venv/bin/activate"
-# --no-compile: byte-compiling torch & co. would take most of this step (Python compiles on import).
-python -m pip install -q --no-compile "$wheel" scikit-build-core cmake ninja
-# No build isolation: the build must find this venv's ggml-python, not a native one from PyPI.
-python -m pip install -q --no-compile --no-build-isolation "$repo[test]"
+lane_venv "$venv" "$repo"
 
 section "ggml CPU features in the venv"
 check_cpu_lib "$(python -c 'import ggml, os; print(os.path.join(os.path.dirname(ggml.__file__), "lib"))')"
@@ -146,14 +102,5 @@ PY
 # Our own AVX-512 kernels would run here (they check the CPU, not ggml's build): turn them off, as
 # the kernel policy does on an AVX2-only CPU.
 export DGEMMA_NO_CPU_KERNELS=q8_0_matmul,self_cond_mix
-# -P for the Pythons the tests start too (python -c, -m pydgemma.quantize): from the repo root they
-# would otherwise import the source folder's pydgemma, which has no libdgemma.so, models or quantize.
-export PYTHONSAFEPATH=1
-tests=${AVX2_LANE_TESTS:-python -P -m pytest -q tests/test_repack.py tests/test_forward_parity.py tests/test_cpu_kernels.py tests/test_backend_parity.py tests/test_generate.py tests/test_sampler.py tests/test_demo_model.py tests/test_quantize.py}
-section "tests on the AVX2 build (DGEMMA_NO_CPU_KERNELS=$DGEMMA_NO_CPU_KERNELS): $tests"
-set +e
-bash -c "$tests"
-rc=$?
-set -e
-section "done (exit $rc)"
-exit $rc
+echo "DGEMMA_NO_CPU_KERNELS=$DGEMMA_NO_CPU_KERNELS"
+lane_tests "${AVX2_LANE_TESTS:-python -P -m pytest -q tests/test_repack.py tests/test_forward_parity.py tests/test_cpu_kernels.py tests/test_backend_parity.py tests/test_generate.py tests/test_sampler.py tests/test_demo_model.py tests/test_quantize.py}"

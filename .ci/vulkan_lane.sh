@@ -7,7 +7,9 @@
 #   3. makes the venv .venv-vulkan with that wheel and pydgemma built against it (no build
 #      isolation, so CMake sees the Vulkan ggml-python, not PyPI's CPU one), and checks that
 #      pydgemma lists the device Vulkan0;
-#   4. runs the tests on Vulkan0 (override the command with VULKAN_LANE_TESTS).
+#   4. runs tests/test_backend_parity.py on Vulkan0 against the CPU: denoising logits, the step's
+#      reductions, chi-square of the draws, step vs denoise + host sampler, whole generations
+#      (override the command with VULKAN_LANE_TESTS).
 # ggml lists lavapipe (a CPU-type Vulkan device) only when GGML_VK_VISIBLE_DEVICES names it.
 # ggml 0.15.3's Vulkan backend needs Vulkan headers newer than Debian 12's 1.3.239 (it uses
 # vk::LayerSettingEXT); on such a system the headers of Debian 13 (trixie) are fetched from the
@@ -16,17 +18,13 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
-export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_PROGRESS_BAR=off DEBIAN_FRONTEND=noninteractive
-
+lane=vulkan_lane
 ggml_py_version=0.0.45
-cache_root=${PYDGEMMA_CI_CACHE:-/var/cache/pydgemma-ci}
-wheel_dir="$cache_root/ggml-python-$ggml_py_version-vulkan"
+. "$repo/.ci/ggml_lane.sh"
+wheel_dir="${PYDGEMMA_CI_CACHE:-/var/cache/pydgemma-ci}/ggml-python-$ggml_py_version-vulkan"
 venv="$repo/.venv-vulkan"
 header_suite=trixie      # the Debian release whose Vulkan headers ggml 0.15.3 builds with
 recipe=3                 # bump when the build below changes, to invalidate cached wheels
-start=$SECONDS
-section() { echo "== $* [$((SECONDS - start)) s]"; }
-die() { echo "vulkan_lane: $*" >&2; exit 1; }
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -51,9 +49,6 @@ fi
 ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 || die "no lavapipe ICD in /usr/share/vulkan/icd.d"
 
 # --- 2. the Vulkan ggml-python wheel (cached) ---------------------------------------------------
-# What a cached wheel must match: this recipe, and the CPU (ggml's CPU backend is built native).
-cache_key="recipe=$recipe ggml-python=$ggml_py_version cpu=$(grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-16)"
-
 # Prints the include/ and SPIRV-Headers cmake folders to build with ("" when the system's do).
 newer_vulkan_headers() {
     if grep -rqs 'struct LayerSettingEXT' /usr/include/vulkan/; then
@@ -89,47 +84,22 @@ newer_vulkan_headers() {
 }
 
 section "Vulkan ggml-python $ggml_py_version wheel ($wheel_dir)"
-wheel_ok() {
-    [ -f "$wheel_dir/COMPLETE" ] && [ "$(cat "$wheel_dir/COMPLETE")" = "$cache_key" ] \
-        && compgen -G "$wheel_dir/ggml_python-$ggml_py_version-*.whl" >/dev/null
+# What a cached wheel must match: this recipe, and the CPU (ggml's CPU backend is built native).
+cache_key="recipe=$recipe ggml-python=$ggml_py_version cpu=$(grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-16)"
+has_vulkan_lib() {
+    [ -f "$1/libggml-vulkan.so" ] || { echo "vulkan_lane: no libggml-vulkan.so in the wheel: GGML_VULKAN was not applied" >&2; return 1; }
 }
-if wheel_ok; then
-    echo "cached: $(basename "$wheel_dir"/ggml_python-*.whl) ($cache_key)"
-else
-    echo "building (about 6 minutes on 2 cores)"
+extra_cmake=""
+if ! { [ -f "$wheel_dir/COMPLETE" ] && [ "$(cat "$wheel_dir/COMPLETE")" = "$cache_key" ]; }; then
     extra_cmake=$(newer_vulkan_headers)
-    python3 -m venv "$work/build-venv"
-    "$work/build-venv/bin/python" -m pip install -q cmake ninja
-    mkdir -p "$cache_root"
-    staging=$(mktemp -d "$cache_root/.building-XXXXXX")
-    # The Vulkan library itself comes from the system packages. --no-cache-dir: pip's wheel cache
-    # would otherwise hand back a CPU-only ggml-python built earlier from the same sdist.
-    CMAKE_ARGS="-DGGML_VULKAN=ON -DGGML_NATIVE=ON -DVulkan_LIBRARY=$(ls /usr/lib/*/libvulkan.so.1 | head -n1) $extra_cmake" \
-    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) PATH="$work/build-venv/bin:$PATH" \
-        "$work/build-venv/bin/python" -m pip wheel -q --no-cache-dir --no-deps --no-binary ggml-python \
-            -w "$staging" "ggml-python==$ggml_py_version" > "$work/wheel-build.log" 2>&1 \
-        || { tail -n 60 "$work/wheel-build.log" >&2; rm -rf "$staging"; die "the ggml-python build failed"; }
-    whl=$(compgen -G "$staging/ggml_python-$ggml_py_version-*.whl" | head -n1) || true
-    [ -n "$whl" ] || { rm -rf "$staging"; die "pip wheel made no ggml_python wheel"; }
-    python3 -c "import sys, zipfile; n = zipfile.ZipFile(sys.argv[1]).namelist(); \
-sys.exit(0 if any(x.endswith('libggml-vulkan.so') for x in n) else 'no libggml-vulkan.so in the wheel: GGML_VULKAN was not applied')" "$whl" \
-        || { rm -rf "$staging"; exit 1; }
-    echo "$cache_key" > "$staging/COMPLETE"
-    rm -rf "$wheel_dir"
-    mv "$staging" "$wheel_dir"
-    chmod 755 "$wheel_dir"
-    echo "built: $(basename "$whl")"
 fi
-wheel=$(compgen -G "$wheel_dir/ggml_python-$ggml_py_version-*.whl" | head -n1)
+# The Vulkan library itself comes from the system packages.
+lane_wheel "$wheel_dir" "$cache_key" \
+    "-DGGML_VULKAN=ON -DGGML_NATIVE=ON -DVulkan_LIBRARY=$(ls /usr/lib/*/libvulkan.so.1 | head -n1) $extra_cmake" has_vulkan_lib 6
 
 # --- 3. the venv: Vulkan ggml-python, and pydgemma built against it -----------------------------
 section "venv $venv: the Vulkan ggml-python, then pydgemma[test] built against it"
-python3 -m venv --clear "$venv"
-. "$venv/bin/activate"
-# --no-compile: byte-compiling torch & co. would take most of this step (Python compiles on import).
-python -m pip install -q --no-compile "$wheel" scikit-build-core cmake ninja
-# No build isolation: the build must find this venv's ggml-python, not a CPU one from PyPI.
-python -m pip install -q --no-compile --no-build-isolation "$repo[test]"
+lane_venv "$venv" "$repo"
 python -c "import ggml, sys; sys.exit(0 if any(p.name == 'libggml-vulkan.so' for p in __import__('pathlib').Path(ggml.__file__).parent.joinpath('lib').iterdir()) else 'the venv has a ggml-python without Vulkan')"
 
 export GGML_VK_VISIBLE_DEVICES=0 PYDGEMMA_TEST_DEVICE=Vulkan0
@@ -146,11 +116,4 @@ if "Vulkan0" not in [d.name for d in devs]:
 PY
 
 # --- 4. the tests, on Vulkan0 -------------------------------------------------------------------
-tests=${VULKAN_LANE_TESTS:-python -P -m pytest -q tests/test_backend_parity.py tests/test_sampler.py tests/test_generate.py}
-section "tests on Vulkan0: $tests"
-set +e
-bash -c "$tests"
-rc=$?
-set -e
-section "done (exit $rc)"
-exit $rc
+lane_tests "${VULKAN_LANE_TESTS:-python -P -m pytest -q tests/test_backend_parity.py}"

@@ -21,6 +21,8 @@ namespace dg {
 
 namespace {
 
+constexpr uint32_t transpose_slice = 16384;  // embedding rows dequantized and transposed per CPU graph
+
 size_t graph_size_for(const dg_hparams & hp) { return std::max<size_t>(4096, static_cast<size_t>(hp.n_layer) * 160 + 256); }
 
 void set_threads(ggml_backend_t backend, int32_t n_threads) {
@@ -174,6 +176,67 @@ void Context::init_backends(const GgufModel & model, const dg_context_params & p
     if (sched_ == nullptr) {
         fail(DG_ERR_BACKEND, "cannot create the ggml scheduler");
     }
+    if (backend_ != backend_cpu_) {
+        keep_device_buffers_ = true;
+        reserve_device_buffers();
+    }
+}
+
+// Off the CPU, every buffer the step loop uses is allocated here, at its largest, before any graph
+// runs, and none is freed while the context lives. Left to itself the scheduler frees a compute
+// buffer and allocates a larger one whenever a larger graph comes (prefill -> canvas, a canvas ->
+// a self-conditioned canvas, a longer prefix), and the step state would be reallocated per canvas
+// length. That is legal ggml, but ggml-vulkan 0.15.3 records in its reused descriptor sets only
+// the bindings a pipeline uses, so the other bindings keep buffers of earlier dispatches; Mesa
+// 22.3's lavapipe (Debian 12) takes a reference on every binding of a bound set, i.e. on freed
+// memory, and corrupts the heap (glibc: "corrupted double-linked list" in dg_generate). Sizing
+// once for the largest graph of each kind avoids the frees on every driver.
+void Context::reserve_device_buffers() {
+    const dg_hparams & hp     = model_.hparams();
+    const uint32_t     n_ctx  = cache_.n_ctx();
+    const uint32_t     canvas = std::min(std::max<uint32_t>(hp.canvas_length, 1), n_ctx);
+    if (hp.has_self_conditioning) {
+        if (sc_top_k_ == 0) {
+            allocate_transposed_embedding();  // a leaf of the self-conditioned graphs; filled on first use
+        }
+        ensure_sc_state(canvas);
+    }
+    auto reserve = [&](ggml_cgraph * gf) {
+        if (!ggml_backend_sched_reserve(sched_, gf)) {
+            fail(DG_ERR_OUT_OF_MEMORY, format("cannot allocate the compute buffers on %s", model_.device_name().c_str()));
+        }
+    };
+    std::vector<ForwardShape> shapes;
+    ForwardShape encode;  // a full batch at the end of the context
+    encode.pass     = Pass::ENCODE;
+    encode.n_tokens = std::min(n_batch_, n_ctx);
+    encode.n_past   = n_ctx - encode.n_tokens;
+    shapes.push_back(encode);
+    ForwardShape decode;  // a canvas at the end of the context: denoise, then the step graphs
+    decode.pass     = Pass::DECODE;
+    decode.n_tokens = canvas;
+    decode.n_past   = n_ctx - canvas;
+    decode.sc_top_k = sc_top_k_;
+    shapes.push_back(decode);
+    decode.sample = true;
+    shapes.push_back(decode);
+    if (hp.has_self_conditioning) {
+        decode.self_cond = SelfCond::DEVICE;
+        shapes.push_back(decode);
+        decode.sample    = false;
+        decode.self_cond = SelfCond::HOST;
+        shapes.push_back(decode);
+    }
+    for (const ForwardShape & shape : shapes) {
+        GraphScope    scope(graph_mem_);
+        ggml_cgraph * gf = ggml_new_graph_custom(scope.ctx, graph_size_for(hp), false);
+        build_forward(scope.ctx, gf, model_, cache_, shape, policy_, embd_t_.get(), sc_prev_.get(), sc_next_.get());
+        reserve(gf);
+    }
+    GraphScope    scope(scratch_mem_);
+    ForwardTensors io;
+    ggml_tensor * logits = nullptr;
+    reserve(build_reduce_graph(scope.ctx, canvas, &logits, io));
 }
 
 Context::~Context() { release(); }
@@ -185,9 +248,14 @@ void Context::release() {
         sched_ = nullptr;
     }
     embd_t_.reset();
+    embd_t_filled_ = false;
     sc_next_.reset();
     sc_prev_.reset();
     sc_state_valid_ = false;
+    for (ggml_backend_buffer_t b : retired_buffers_) {
+        ggml_backend_buffer_free(b);
+    }
+    retired_buffers_.clear();
     if (backend_cpu_ != nullptr && backend_cpu_ != backend_) {
         ggml_backend_free(backend_cpu_);
     }
@@ -358,13 +426,10 @@ void Context::reduce_logits(const float * logits, uint32_t n, float temperature,
     check_step_inputs(n, temperature, uniforms, rows);
     const dg_hparams & hp = model_.hparams();
     drop_graph();  // the scheduler's buffers go to this graph
-    std::vector<uint8_t> mem(ggml_tensor_overhead() * 64 + ggml_graph_overhead_custom(64, false));
-    GraphScope           scope(mem);
-    ggml_cgraph *        gf = ggml_new_graph_custom(scope.ctx, 64, false);
-    ggml_tensor *        in = ggml_new_tensor_2d(scope.ctx, GGML_TYPE_F32, hp.n_vocab, n);
-    ggml_set_input(in);
+    GraphScope     scope(scratch_mem_);
     ForwardTensors io;
-    build_sampler(scope.ctx, gf, hp, policy_, in, nullptr, io);
+    ggml_tensor *  in = nullptr;
+    ggml_cgraph *  gf = build_reduce_graph(scope.ctx, n, &in, io);
     ggml_backend_sched_reset(sched_);
     if (!ggml_backend_sched_alloc_graph(sched_, gf)) {
         fail(DG_ERR_OUT_OF_MEMORY, "cannot allocate the compute buffers");
@@ -378,6 +443,14 @@ void Context::reduce_logits(const float * logits, uint32_t n, float temperature,
     const StepStats keep = stats_;  // not a step: its traffic is not the step loop's
     read_rows(io, n, rows);
     stats_ = keep;
+}
+
+ggml_cgraph * Context::build_reduce_graph(ggml_context * ctx, uint32_t n, ggml_tensor ** logits, ForwardTensors & io) const {
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, 64, false);
+    *logits          = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, model_.hparams().n_vocab, n);
+    ggml_set_input(*logits);
+    build_sampler(ctx, gf, model_.hparams(), policy_, *logits, nullptr, io);
+    return gf;
 }
 
 void Context::drop_graph() {
@@ -514,14 +587,24 @@ void Context::check_backend_support() const {
     }
 }
 
+// The state holds at least n columns; get() is their first n. Only a longer canvas than any
+// before reallocates (off the CPU the old buffers are kept until release()).
 void Context::ensure_sc_state(uint32_t n) {
     if (sc_next_.get() != nullptr && sc_next_.get()->ne[1] == n) {
         return;
     }
-    drop_graph();  // graphs refer to the old tensor
+    drop_graph();  // graphs refer to the old tensors
     sc_state_valid_ = false;
-    sc_next_.alloc(backend_, GGML_TYPE_F32, model_.hparams().n_vocab, n, "sc_next", "the self-conditioning state of the step loop");
-    sc_prev_.alloc(backend_, GGML_TYPE_F32, model_.hparams().n_vocab, n, "sc_prev", "the self-conditioning state of the step loop");
+    if (sc_next_.capacity() < n) {
+        std::vector<ggml_backend_buffer *> * keep = keep_device_buffers_ ? &retired_buffers_ : nullptr;
+        sc_next_.reset(keep);
+        sc_prev_.reset(keep);
+        const char * what = "the self-conditioning state of the step loop";
+        sc_next_.alloc(backend_, GGML_TYPE_F32, model_.hparams().n_vocab, n, "sc_next", what);
+        sc_prev_.alloc(backend_, GGML_TYPE_F32, model_.hparams().n_vocab, n, "sc_prev", what);
+    }
+    sc_next_.use_columns(n);
+    sc_prev_.use_columns(n);
 }
 
 void DeviceTensor::alloc(ggml_backend * backend, int type, int64_t ne0, int64_t ne1, const char * name, const char * what) {
@@ -539,9 +622,14 @@ void DeviceTensor::alloc(ggml_backend * backend, int type, int64_t ne0, int64_t 
     }
 }
 
-void DeviceTensor::reset() {
+void DeviceTensor::reset(std::vector<ggml_backend_buffer *> * keep) {
+    drop_view();
     if (buffer_ != nullptr) {
-        ggml_backend_buffer_free(buffer_);
+        if (keep != nullptr) {
+            keep->push_back(buffer_);
+        } else {
+            ggml_backend_buffer_free(buffer_);
+        }
     }
     if (ctx_ != nullptr) {
         ggml_free(ctx_);
@@ -549,6 +637,37 @@ void DeviceTensor::reset() {
     ctx_    = nullptr;
     buffer_ = nullptr;
     tensor_ = nullptr;
+}
+
+int64_t DeviceTensor::capacity() const { return tensor_ != nullptr ? tensor_->ne[1] : 0; }
+
+void DeviceTensor::drop_view() {
+    if (view_ctx_ != nullptr) {
+        ggml_free(view_ctx_);
+    }
+    view_ctx_ = nullptr;
+    view_     = nullptr;
+}
+
+void DeviceTensor::use_columns(int64_t n) {
+    drop_view();
+    if (tensor_ == nullptr || n < 1 || n > tensor_->ne[1]) {
+        fail(DG_ERR_BACKEND, format("use_columns: %lld columns of a tensor with %lld", static_cast<long long>(n),
+                                     static_cast<long long>(capacity())));
+    }
+    if (n == tensor_->ne[1]) {
+        return;
+    }
+    ggml_init_params p{};
+    p.mem_size = ggml_tensor_overhead();
+    p.no_alloc = true;
+    view_ctx_  = ggml_init(p);
+    view_      = ggml_view_2d(view_ctx_, tensor_, tensor_->ne[0], n, tensor_->nb[1], 0);
+    ggml_set_name(view_, ggml_get_name(tensor_));
+    if (ggml_backend_view_init(view_) != GGML_STATUS_SUCCESS) {
+        drop_view();
+        fail(DG_ERR_BACKEND, "cannot make a view of a device tensor");
+    }
 }
 
 void Context::imatrix_start() {
@@ -571,27 +690,28 @@ void Context::imatrix_clear() {
     }
 }
 
-void Context::ensure_transposed_embedding() {
+void Context::allocate_transposed_embedding() {
     if (embd_t_.get() != nullptr) {
         return;
     }
-    const dg_hparams & hp    = model_.hparams();
-    ggml_tensor *      embd  = model_.weights().token_embd;
-    const ggml_type    type  = embd->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+    const dg_hparams & hp   = model_.hparams();
+    const ggml_type    type = model_.weights().token_embd->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+    embd_t_.alloc(backend_, type, hp.n_vocab, hp.n_embd, "token_embd_t", "the transposed embedding for self-conditioning");
+    embd_t_filled_ = false;
+}
 
-    embd_t_.alloc(backend_, type, hp.n_vocab, hp.n_embd, "token_embd_t",
-                  "the transposed embedding for self-conditioning");
-    ggml_tensor * embd_t = embd_t_.get();
-    try {  // a half-filled copy must not be taken for a finished one
-        if (ggml_backend_dev_type(model_.device()) == GGML_BACKEND_DEVICE_TYPE_CPU) {
-            transpose_embedding_in_graphs(embd, embd_t);
-        } else {
-            transpose_embedding_on_host(embd, embd_t);
-        }
-    } catch (...) {
-        embd_t_.reset();
-        throw;
+void Context::ensure_transposed_embedding() {
+    if (embd_t_filled_) {
+        return;
     }
+    allocate_transposed_embedding();
+    // A half-filled copy is never taken for a finished one: embd_t_filled_ is set last.
+    if (ggml_backend_dev_type(model_.device()) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+        transpose_embedding_in_graphs(model_.weights().token_embd, embd_t_.get());
+    } else {
+        transpose_embedding_on_host(model_.weights().token_embd, embd_t_.get());
+    }
+    embd_t_filled_ = true;
 }
 
 // The CPU backend: dequantize and transpose in slices of rows with ggml's threads, so the scratch
@@ -599,10 +719,9 @@ void Context::ensure_transposed_embedding() {
 void Context::transpose_embedding_in_graphs(ggml_tensor * embd, ggml_tensor * embd_t) {
     const dg_hparams & hp = model_.hparams();
     drop_graph();  // the scheduler is about to be reset for other graphs
-    const uint32_t slice = 16384;
     std::vector<int32_t> ids;
-    for (uint32_t v0 = 0; v0 < hp.n_vocab; v0 += slice) {
-        const uint32_t m = std::min(slice, hp.n_vocab - v0);
+    for (uint32_t v0 = 0; v0 < hp.n_vocab; v0 += transpose_slice) {
+        const uint32_t m = std::min(transpose_slice, hp.n_vocab - v0);
         GraphScope scope(scratch_mem_);
         ggml_cgraph * gf = ggml_new_graph_custom(scope.ctx, 64, false);
         ggml_tensor * rows = ggml_new_tensor_1d(scope.ctx, GGML_TYPE_I32, m);

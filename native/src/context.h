@@ -35,13 +35,22 @@ public:
 
     // Allocates [ne0, ne1] of `type` in the default buffer of `backend`; fails with `what` in the message.
     void alloc(ggml_backend * backend, int type, int64_t ne0, int64_t ne1, const char * name, const char * what);
-    void reset();
-    ggml_tensor * get() const { return tensor_; }
+    // Frees the buffer, or with `keep` hands it there (to be freed later by whoever holds `keep`).
+    void reset(std::vector<ggml_backend_buffer *> * keep = nullptr);
+    // The whole tensor, or its first columns after use_columns().
+    ggml_tensor * get() const { return view_ != nullptr ? view_ : tensor_; }
+    int64_t       capacity() const;  // columns allocated (ne1)
+    // Makes get() a view of the first n <= capacity() columns; the buffer is not touched.
+    void use_columns(int64_t n);
 
 private:
+    void drop_view();
+
     ggml_context *        ctx_ = nullptr;
     ggml_backend_buffer * buffer_ = nullptr;
     ggml_tensor *         tensor_ = nullptr;
+    ggml_context *        view_ctx_ = nullptr;
+    ggml_tensor *         view_ = nullptr;
 };
 
 // What the step loop moved and spent (dg_step_stats).
@@ -102,6 +111,9 @@ private:
     void read_rows(const ForwardTensors & io, uint32_t n, RowStats * rows);
     void set_input(ggml_tensor * t, const void * data, size_t size, bool count);
     void ensure_transposed_embedding();
+    void allocate_transposed_embedding();
+    void reserve_device_buffers();
+    ggml_cgraph * build_reduce_graph(ggml_context * ctx, uint32_t n, ggml_tensor ** logits, ForwardTensors & io) const;
     void transpose_embedding_in_graphs(ggml_tensor * embd, ggml_tensor * embd_t);
     void transpose_embedding_on_host(ggml_tensor * embd, ggml_tensor * embd_t);
     void ensure_sc_state(uint32_t n);
@@ -130,12 +142,17 @@ private:
     bool                        have_graph_ = false;  // graph_ is built and allocated for graph_shape_
     std::vector<uint8_t>        scratch_mem_;      // metadata of one-off graphs
     DeviceTensor                embd_t_;                 // [n_vocab, n_embd], for self-conditioning
+    bool                        embd_t_filled_ = false;  // embd_t_ holds the transposed embedding
     // The step loop's self-conditioning state, F32 [n_vocab, n] each: a step writes its processed
     // logits to sc_next_; the next step copies them to sc_prev_ and reads those (one graph never
     // reads and writes the same buffer).
     DeviceTensor                sc_next_;
     DeviceTensor                sc_prev_;
     bool                        sc_state_valid_ = false;
+    // Off the CPU no device buffer is freed while the context lives (see reserve_device_buffers):
+    // buffers that state outgrew wait here until release().
+    bool                        keep_device_buffers_ = false;
+    std::vector<ggml_backend_buffer *> retired_buffers_;
     StepStats                   stats_;
     std::unique_ptr<ImatrixCollector> imatrix_;          // null until imatrix_start()
 };

@@ -12,6 +12,7 @@
 #include "ggml.h"
 
 #include <cmath>
+#include <limits>
 
 namespace dg {
 
@@ -98,7 +99,13 @@ struct Builder {
         ggml_tensor * d    = ggml_sub(ctx, x, ggml_reshape_2d(ctx, mx, 1, n));                                // [V, n] <= 0
         ggml_tensor * e    = ggml_exp(ctx, d);
         ggml_tensor * v    = ggml_sum_rows(ctx, ggml_mul(ctx, e, d));                                         // [1, n]
-        ggml_tensor * tail = ggml_step(ctx, ggml_neg(ctx, d));                                               // 1 where d < 0
+        // Values within tau = |mx|·2^-20 (+ FLT_MIN) of the maximum count as maxima. On the CPU the
+        // maximum's own d is exactly 0; on ggml-vulkan (lavapipe) it was seen 1 ulp off in the full
+        // step graph (not over uploaded logits), which with "d < 0" left no maximum (k = 0, NaN).
+        // Counting an element within tau as weight 1 moves the sums below tau.
+        ggml_tensor * tau  = ggml_scale_bias(ctx, ggml_abs(ctx, ggml_reshape_2d(ctx, mx, 1, n)), 1.0f / 1048576.0f,
+                                             std::numeric_limits<float>::min());
+        ggml_tensor * tail = ggml_step(ctx, ggml_sub(ctx, ggml_neg(ctx, d), tau));                          // 1 where d < -tau
         ggml_tensor * r    = ggml_sum_rows(ctx, ggml_mul(ctx, e, tail));
         ggml_tensor * kmax = ggml_scale_bias(ctx, ggml_sum_rows(ctx, tail), -1.0f, static_cast<float>(n_vocab));
         // log1p(q) = q * log(1 + q) / ((1 + q) - 1), and q where 1 + q rounds to 1 (z = 1 there)
