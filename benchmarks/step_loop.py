@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,13 +94,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    engines = []
+    for spec in args.engine:
+        name, _, rest = spec.partition("=")
+        python, _, device = rest.partition(":")
+        exe = shutil.which(python)
+        if not name or exe is None:
+            sys.exit(f"--engine {spec}: expected NAME=PYTHON[:DEVICE] with a Python on PATH or a path to one")
+        engines.append((name, str(Path(exe).absolute()), device))
     work = args.work or Path.home() / ".cache" / "pydgemma" / "bench" / args.size
     work.mkdir(parents=True, exist_ok=True)
     _, files = prepare(args.size, work, [args.type])
     results = {}
-    for spec in args.engine:
-        name, _, rest = spec.partition("=")
-        python, _, device = rest.partition(":")
+    for name, python, device in engines:
         r = subprocess.run([python, "-c", CHILD, str(files[args.type]), device or "cpu", str(args.repeat), str(args.steps),
                             str(args.canvases), str(args.prompt_tokens), str(args.threads)],
                            capture_output=True, text=True, cwd="/")

@@ -231,12 +231,19 @@ def build_tokenizer(vocab_size: int = 512, *, model_max_length: int | None = Non
     return tok
 
 
-# A Gemma-4-style chat template (a simplified version of Google's: no tool declarations/calls).
-# <bos>, then a system turn if thinking is on or the first message is system/developer
-# ("<|think|>\n" at its very top when thinking is on), then "<|turn>{role}\n{content}<turn|>\n"
-# per message (assistant -> model; <|channel>...<channel|> spans are stripped from model turns),
-# then the generation prompt "<|turn>model\n", followed by an empty thought channel
-# "<|channel>thought\n<channel|>" when thinking is off.
+# A Gemma-4-style chat template (a simplified version of Google's, written for these tests).
+# <bos>, then a system turn if thinking is on, tools are given or the first message is
+# system/developer ("<|think|>\n" at its very top when thinking is on; then the system text; then
+# one "<|tool>declaration:NAME{description:...,parameters:{...}}<tool|>" per tool), then
+# "<|turn>{role}\n{content}<turn|>\n" per message (assistant -> model; <|channel>...<channel|>
+# spans are stripped from model turns), then the generation prompt "<|turn>model\n", followed by
+# an empty thought channel "<|channel>thought\n<channel|>" when thinking is off.
+# Tools as in Google's template: an assistant message's tool_calls are written
+# "<|tool_call>call:NAME{k:v,...}<tool_call|>" (pydgemma.tools.format_value syntax), then the
+# role "tool" messages that follow it, "<|tool_response>response:NAME{...}<tool_response|>", inside
+# the same model turn, which stays open (no <turn|>, no generation prompt) when it has no text
+# after the results; calls without results end with "<|tool_response>" (the model's stop token).
+# Unlike Google's, only a turn left open is continued by the next assistant message.
 CHAT_TEMPLATE = """\
 {%- macro strip_thinking(text) -%}
     {%- set ns = namespace(result='') -%}
@@ -270,10 +277,87 @@ CHAT_TEMPLATE = """\
         {%- endfor -%}
     {%- endif -%}
 {%- endmacro -%}
+{%- macro format_argument(value) -%}
+    {%- if value is string -%}
+        {{- '<|"|>' + value + '<|"|>' -}}
+    {%- elif value is boolean -%}
+        {{- 'true' if value else 'false' -}}
+    {%- elif value is mapping -%}
+        {{- '{' -}}
+        {%- for key, item in value | dictsort -%}
+            {{- key ~ ':' ~ format_argument(item) ~ (',' if not loop.last else '') -}}
+        {%- endfor -%}
+        {{- '}' -}}
+    {%- elif value is sequence -%}
+        {{- '[' -}}
+        {%- for item in value -%}
+            {{- format_argument(item) ~ (',' if not loop.last else '') -}}
+        {%- endfor -%}
+        {{- ']' -}}
+    {%- else -%}
+        {{- value -}}
+    {%- endif -%}
+{%- endmacro -%}
+{%- macro format_properties(properties) -%}
+    {{- '{' -}}
+    {%- for key, schema in properties | dictsort -%}
+        {{- key ~ ':' ~ format_schema(schema) ~ (',' if not loop.last else '') -}}
+    {%- endfor -%}
+    {{- '}' -}}
+{%- endmacro -%}
+{%- macro format_schema(schema) -%}
+    {%- set type = schema['type'] | default('') | string | upper -%}
+    {%- set ns = namespace(sep='') -%}
+    {{- '{' -}}
+    {%- if schema['description'] -%}
+        {{- 'description:' + format_argument(schema['description']) -}}
+        {%- set ns.sep = ',' -%}
+    {%- endif -%}
+    {%- if type == 'STRING' and schema['enum'] -%}
+        {{- ns.sep + 'enum:' + format_argument(schema['enum']) -}}
+        {%- set ns.sep = ',' -%}
+    {%- elif type == 'ARRAY' and schema['items'] is mapping and schema['items'] -%}
+        {{- ns.sep + 'items:' + format_schema(schema['items']) -}}
+        {%- set ns.sep = ',' -%}
+    {%- endif -%}
+    {%- if schema['nullable'] -%}
+        {{- ns.sep + 'nullable:true' -}}
+        {%- set ns.sep = ',' -%}
+    {%- endif -%}
+    {%- if type == 'OBJECT' and schema['properties'] is mapping -%}
+        {{- ns.sep + 'properties:' + format_properties(schema['properties']) -}}
+        {%- set ns.sep = ',' -%}
+        {%- if schema['required'] -%}
+            {{- ',required:' + format_argument(schema['required']) -}}
+        {%- endif -%}
+    {%- endif -%}
+    {{- ns.sep + 'type:' + format_argument(type) + '}' -}}
+{%- endmacro -%}
+{%- macro format_declaration(function) -%}
+    {{- 'declaration:' + function['name'] + '{description:' + format_argument((function['description'] or '') | string) -}}
+    {%- set params = function['parameters'] -%}
+    {%- if params -%}
+        {%- set ns = namespace(sep='') -%}
+        {{- ',parameters:{' -}}
+        {%- if params['properties'] -%}
+            {{- 'properties:' + format_properties(params['properties']) -}}
+            {%- set ns.sep = ',' -%}
+        {%- endif -%}
+        {%- if params['required'] -%}
+            {{- ns.sep + 'required:' + format_argument(params['required']) -}}
+            {%- set ns.sep = ',' -%}
+        {%- endif -%}
+        {%- if params['type'] -%}
+            {{- ns.sep + 'type:' + format_argument(params['type'] | string | upper) -}}
+        {%- endif -%}
+        {{- '}' -}}
+    {%- endif -%}
+    {{- '}' -}}
+{%- endmacro -%}
 {%- set thinking = enable_thinking is defined and enable_thinking -%}
 {%- set loop_messages = messages -%}
 {{- bos_token -}}
-{%- if thinking or (messages and messages[0]['role'] in ['system', 'developer']) -%}
+{%- if thinking or tools or (messages and messages[0]['role'] in ['system', 'developer']) -%}
     {{- '<|turn>system\\n' -}}
     {%- if thinking -%}
         {{- '<|think|>\\n' -}}
@@ -282,15 +366,78 @@ CHAT_TEMPLATE = """\
         {{- render_content(messages[0]['content'], 'system') -}}
         {%- set loop_messages = messages[1:] -%}
     {%- endif -%}
+    {%- for tool in tools or [] -%}
+        {{- '<|tool>' + format_declaration(tool['function']) + '<tool|>' -}}
+    {%- endfor -%}
     {{- '<turn|>\\n' -}}
 {%- endif -%}
+{%- set ns = namespace(open=false, last_user=-1) -%}
 {%- for message in loop_messages -%}
-    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
-    {{- '<|turn>' + role + '\\n' -}}
-    {{- render_content(message['content'], role) -}}
-    {{- '<turn|>\\n' -}}
+    {%- if message['role'] == 'user' -%}
+        {%- set ns.last_user = loop.index0 -%}
+    {%- endif -%}
 {%- endfor -%}
-{%- if add_generation_prompt -%}
+{%- for message in loop_messages -%}
+    {%- set index = loop.index0 -%}
+    {%- if message['role'] != 'tool' -%}
+        {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+        {%- if not (role == 'model' and ns.open) -%}
+            {{- '<|turn>' + role + '\\n' -}}
+        {%- endif -%}
+        {%- set ns.open = false -%}
+        {%- set calls = namespace(made=false, answered=false) -%}
+        {%- if message['tool_calls'] -%}
+            {%- set thought = message['reasoning_content'] or message['reasoning'] -%}
+            {%- if thought and index > ns.last_user -%}
+                {{- '<|channel>thought\\n' + thought + '\\n<channel|>' -}}
+            {%- endif -%}
+            {%- for call in message['tool_calls'] -%}
+                {%- set arguments = call['function']['arguments'] -%}
+                {{- '<|tool_call>call:' + call['function']['name'] -}}
+                {{- format_argument(arguments) if arguments is mapping else '{' ~ (arguments if arguments is string else '') ~ '}' -}}
+                {{- '<tool_call|>' -}}
+            {%- endfor -%}
+            {%- set calls.made = true -%}
+            {%- set scan = namespace(on=true) -%}
+            {%- for follow in loop_messages[index + 1:] -%}
+                {%- set scan.on = scan.on and follow['role'] == 'tool' -%}
+                {%- if scan.on -%}
+                    {%- set name = namespace(value=follow['name'] or 'unknown') -%}
+                    {%- for call in message['tool_calls'] -%}
+                        {%- if call['id'] and call['id'] == follow['tool_call_id'] -%}
+                            {%- set name.value = call['function']['name'] -%}
+                        {%- endif -%}
+                    {%- endfor -%}
+                    {%- set body = follow['content'] -%}
+                    {%- if body is not string and body is not mapping and body is iterable -%}
+                        {%- set text = namespace(value='') -%}
+                        {%- for part in body -%}
+                            {%- if part['type'] == 'text' -%}
+                                {%- set text.value = text.value + part['text'] -%}
+                            {%- endif -%}
+                        {%- endfor -%}
+                        {%- set body = text.value -%}
+                    {%- endif -%}
+                    {{- '<|tool_response>response:' + name.value -}}
+                    {{- format_argument(body) if body is mapping else '{value:' + format_argument(body) + '}' -}}
+                    {{- '<tool_response|>' -}}
+                    {%- set calls.answered = true -%}
+                {%- endif -%}
+            {%- endfor -%}
+        {%- endif -%}
+        {%- set content = render_content(message['content'], role) -%}
+        {{- content -}}
+        {%- if calls.made and not calls.answered -%}
+            {{- '<|tool_response>' -}}
+            {%- set ns.open = true -%}
+        {%- elif calls.answered and not content -%}
+            {%- set ns.open = true -%}
+        {%- else -%}
+            {{- '<turn|>\\n' -}}
+        {%- endif -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt and not ns.open -%}
     {{- '<|turn>model\\n' -}}
     {%- if not thinking -%}
         {{- '<|channel>thought\\n<channel|>' -}}

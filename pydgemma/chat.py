@@ -35,13 +35,14 @@ def _compile(template: str):
 
 
 def render(template: str, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
-           enable_thinking: bool = False, special: dict[str, str] | None = None) -> str:
-    """Renders `messages` as transformers' apply_chat_template does (same variables)."""
+           enable_thinking: bool = False, special: dict[str, str] | None = None, tools: list | None = None) -> str:
+    """Renders `messages` as transformers' apply_chat_template does (same variables; `tools` are
+    OpenAI function tools, see pydgemma.tools.normalize_messages)."""
     from jinja2 import TemplateError
 
     try:
         return _compile(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                         enable_thinking=enable_thinking, **(special or {}))
+                                         enable_thinking=enable_thinking, tools=tools, **(special or {}))
     except TemplateError as exc:
         raise PydgemmaError(f"the chat template failed: {exc}", "DG_ERR_FORMAT") from exc
 

@@ -299,6 +299,7 @@ def bench(
     table.add_row("device step (generation)", f"{st['total']['median_ms']:.2f} ms (p90 {st['total']['p90_ms']:.2f})")
     table.add_row("  graph: first / with self-cond", f"{st['graph_first']['median_ms']:.2f} / "
                   f"{st['graph_with_self_conditioning']['median_ms']:.2f} ms")
+    table.add_row("  sampler reductions (device, alone)", f"{st['sampler_reductions']['median_ms']:.2f} ms")
     table.add_row("  sampler decisions (host)", f"{st['sampler_decide']['median_ms']:.3f} ms")
     table.add_row("  python", f"{st['python']['median_ms']:.3f} ms")
     sh = st["share"]
@@ -315,6 +316,60 @@ def bench(
 
     if slow_cpu_build(m):
         typer.echo("note: " + SLOW_CPU_HINT, err=True)
+
+
+@app.command()
+def serve(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", show_default=False,
+                                         help="A DiffusionGemma .gguf file. Default: the bundled demo model."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback unless told otherwise; "
+                             "0.0.0.0 for every interface)."),
+    port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PYDGEMMA_API_KEY", show_default=False,
+                                          help="Require 'Authorization: Bearer KEY' on /v1/* (or set PYDGEMMA_API_KEY)."),
+    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=1, help="Context size in tokens (default: min(4096, "
+                                        "the model's)). Prompt plus reply must fit."),
+    device: str = typer.Option("auto", "--device", "-d", help="'auto', 'cpu', or a device name (see 'info')."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: physical cores)."),
+    think: bool = typer.Option(False, "--think", help="Thinking on by default (a request's "
+                               "chat_template_kwargs.enable_thinking overrides it)."),
+    max_queue: int = typer.Option(16, "--max-queue", min=1, help="Requests that may wait; more get 503 + Retry-After."),
+    sc_top_k: int = typer.Option(0, "--sc-top-k", min=0, help="APPROXIMATE self-conditioning over each position's "
+                                 "k likeliest tokens (faster; changes the output). 0 = exact."),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API, with a page at / that shows the canvas settle.
+
+    Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions.
+    One generation runs at a time; others wait in order. Streams can carry every denoising step
+    ("stream_drafts": true).
+
+    Examples:
+
+      pydgemma serve                                   the demo model on http://127.0.0.1:8080
+
+      pydgemma serve -m model.gguf --port 9000 --api-key secret
+
+      curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+          -d '{"messages": [{"role": "user", "content": "hi"}]}'
+    """
+    from .errors import PydgemmaError
+    from .run_cli import demo_model_path
+    from .server import _require, serve as run_server
+
+    _require()
+    from .server.app import ServerConfig
+
+    path = model if model is not None else demo_model_path()
+    if not Path(path).is_file():
+        raise PydgemmaError(f"no such model file: {path}", "DG_ERR_IO")
+    config = ServerConfig(model_path=str(path), n_ctx=n_ctx, device=device, threads=threads, think=think,
+                          max_queue=max_queue, api_key=api_key or None, sc_top_k=sc_top_k)
+
+    def ready(url: str) -> None:
+        typer.echo(f"pydgemma serving {Path(path).name} at {url}  (OpenAI API under {url}/v1, page at {url}/)", err=True)
+
+    run_server(config, host=host, port=port, on_ready=ready,
+               on_loaded=lambda: typer.echo(f"model loaded: {Path(path).name}; ready", err=True))
 
 
 def main() -> None:

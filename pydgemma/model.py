@@ -229,9 +229,10 @@ class Model:
     def token_text(self, token_id: int) -> str:
         return self.detokenize([token_id], render_special=True)
 
-    def chat_prompt_ids(self, messages, *, think: bool = False) -> list[int]:
+    def chat_prompt_ids(self, messages, *, think: bool = False, tools=None, generation_prefix: str = "") -> list[int]:
         """Token ids of `messages` rendered with the model's chat template and a generation prompt,
-        with exactly one BOS."""
+        with exactly one BOS. `tools`: OpenAI function tools, declared by the template;
+        `generation_prefix`: text the reply is made to start with (e.g. a forced tool call)."""
         from .chat import render
 
         template = self.chat_template
@@ -242,7 +243,8 @@ class Model:
                           ("pad_token", "tokenizer.ggml.padding_token_id")):
             if key in self.metadata:
                 special[name] = self.token_text(int(self.metadata[key]))
-        text = render(template, messages, add_generation_prompt=True, enable_thinking=think, special=special)
+        text = render(template, messages, add_generation_prompt=True, enable_thinking=think, special=special,
+                      tools=tools) + generation_prefix
         bos = special.get("bos_token")
         return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
 
