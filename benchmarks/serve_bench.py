@@ -1,0 +1,186 @@
+"""`pydgemma serve` under load, and its overhead over calling Model.generate directly.
+
+    python benchmarks/serve_bench.py                          # the demo model, 4 clients, 20 s
+    python benchmarks/serve_bench.py -m model.gguf --clients 8 --seconds 60 --max-tokens 256
+
+Two parts, each engine in its own process:
+1. overhead: the same --requests prompts and seeds, one at a time, through Model.generate in a
+   child process and through the server (streamed, a client in this process); the ratio of the
+   total times is the server's overhead (HTTP, JSON, SSE, the queue, the reply assembly).
+2. load: --clients concurrent streaming clients for --seconds; requests/s, p50/p95 latency to the
+   first content and to the end, generated tokens/s.
+
+The prompts are the demo's Sudoku puzzles (any model takes them: they are short text)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+
+DIRECT = r"""
+import json, sys, time
+import pydgemma
+path, requests, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+model = pydgemma.Model(path)
+C = model.hparams["canvas_length"]
+model.generate(requests[0]["messages"], seed=0, max_new_tokens=C)  # warm-up, as the server's first request
+times, tokens = [], []
+for r in requests:
+    t = time.perf_counter()
+    gen = model.generate(r["messages"], seed=r["seed"], max_new_tokens=-(-max_tokens // C) * C)
+    times.append(time.perf_counter() - t)
+    tokens.append(len(gen.tokens))
+print(json.dumps({"times": times, "tokens": tokens}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str | None, port: int, extra: list[str]) -> subprocess.Popen:
+    args = [sys.executable, "-m", "pydgemma", "serve", "--port", str(port), *extra]
+    if model:
+        args += ["-m", model]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"the server exited: {proc.stderr.read().decode(errors='replace')}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if json.load(r)["status"] == "ok":
+                    return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    sys.exit("the server did not become ready in 300 s")
+
+
+def stream_once(http: httpx.Client, url: str, body: dict) -> dict:
+    """One streamed request: seconds to the first content, to the end, and the tokens generated."""
+    t0 = time.perf_counter()
+    first = None
+    usage = None
+    with http.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        if r.status_code != 200:
+            return {"status": r.status_code}
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - t0
+    end = time.perf_counter() - t0
+    return {"status": 200, "first": first if first is not None else end, "end": end,
+            "tokens": usage["completion_tokens"] if usage else 0}
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", default=None, help="A .gguf file (default: the demo model).")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--requests", type=int, default=12, help="Requests in the overhead comparison.")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    from pydgemma.models.demo import train as sudoku
+    from pydgemma.run_cli import demo_model_path
+
+    model = args.model or str(demo_model_path())
+    puzzles = [p for p, _ in sudoku.test_puzzles(50)]
+    requests = [{"messages": [{"role": "user", "content": sudoku.prompt_text(puzzles[i % len(puzzles)])}], "seed": i}
+                for i in range(args.requests)]
+
+    # 1. overhead: Model.generate in its own process, then the server, the same requests in turn
+    r = subprocess.run([sys.executable, "-c", DIRECT, model, json.dumps(requests), str(args.max_tokens)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    if r.returncode != 0:
+        sys.exit(f"the direct run failed:\n{r.stderr}")
+    direct = json.loads(r.stdout.strip().splitlines()[-1])
+
+    port = free_port()
+    server = start_server(args.model, port, ["--max-queue", str(max(16, 2 * args.clients))])
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        with httpx.Client(timeout=600) as http:
+            stream_once(http, url, {**requests[0], "seed": 0, "max_tokens": 1})  # warm-up
+            served = [stream_once(http, url, {**req, "max_tokens": args.max_tokens}) for req in requests]
+        if any(s["status"] != 200 for s in served):
+            sys.exit(f"the server refused requests: {[s['status'] for s in served]}")
+        t_direct, t_served = sum(direct["times"]), sum(s["end"] for s in served)
+
+        # 2. load: concurrent clients for a bounded time
+        done: list[dict] = []
+        lock = threading.Lock()
+        stop_at = time.monotonic() + args.seconds
+
+        def client(k: int) -> None:
+            i = k
+            with httpx.Client(timeout=600) as http:
+                while time.monotonic() < stop_at:
+                    req = requests[i % len(requests)]
+                    res = stream_once(http, url, {**req, "seed": 1000 + i, "max_tokens": args.max_tokens})
+                    with lock:
+                        done.append(res)
+                    i += args.clients
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    ok = [d for d in done if d["status"] == 200]
+    out = {
+        "model": Path(model).name,
+        "overhead": {"requests": len(requests), "direct_s": t_direct, "server_s": t_served,
+                     "ratio": t_served / t_direct, "direct_tokens": sum(direct["tokens"]),
+                     "server_tokens": sum(s["tokens"] for s in served)},
+        "load": {"clients": args.clients, "seconds": wall, "requests": len(done), "ok": len(ok),
+                 "requests_per_s": len(ok) / wall,
+                 "first_content_p50_s": pct([d["first"] for d in ok], 0.5),
+                 "first_content_p95_s": pct([d["first"] for d in ok], 0.95),
+                 "end_p50_s": pct([d["end"] for d in ok], 0.5), "end_p95_s": pct([d["end"] for d in ok], 0.95),
+                 "tokens_per_s": sum(d["tokens"] for d in ok) / wall},
+    }
+    o, lo = out["overhead"], out["load"]
+    print(f"{out['model']}: {o['requests']} requests one at a time")
+    print(f"  Model.generate  {o['direct_s']:.3f} s   server (streamed)  {o['server_s']:.3f} s   "
+          f"ratio {o['ratio']:.3f} (overhead {100 * (o['ratio'] - 1):+.1f} %)")
+    print(f"{lo['clients']} concurrent clients for {lo['seconds']:.1f} s: {lo['ok']} requests "
+          f"({lo['requests'] - lo['ok']} refused), {lo['requests_per_s']:.2f} req/s, {lo['tokens_per_s']:.1f} tok/s")
+    print(f"  first content p50 {lo['first_content_p50_s'] * 1e3:.0f} ms, p95 {lo['first_content_p95_s'] * 1e3:.0f} ms; "
+          f"completion p50 {lo['end_p50_s'] * 1e3:.0f} ms, p95 {lo['end_p95_s'] * 1e3:.0f} ms")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
