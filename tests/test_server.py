@@ -149,21 +149,6 @@ def test_four_concurrent_clients(client: openai.OpenAI, demo_model: pydgemma.Mod
     assert answers == [direct(demo_model, jobs[i], 20 + i) for i in range(4)]
 
 
-def test_disconnect_cancels_the_generation(demo_server: ServerProcess) -> None:
-    _, messages = puzzle_messages(6)
-    before = demo_server.health()["generations"]
-    body = {"messages": messages, "seed": 9, "max_tokens": 480, "stream": True, "stream_drafts": True,
-            "stop": ["never-in-a-sudoku"]}
-    with httpx.stream("POST", demo_server.url + "/v1/chat/completions", json=body, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: ") and "draft" in line:
-                break  # leave after the first denoising step
-    deadline = time.monotonic() + 30
-    while demo_server.health()["generations"]["cancelled"] == before["cancelled"]:
-        assert time.monotonic() < deadline, demo_server.health()
-        time.sleep(0.1)
-
-
 def test_errors(demo_server: ServerProcess, client: openai.OpenAI) -> None:
     url = demo_server.url + "/v1/chat/completions"
 
@@ -306,3 +291,73 @@ def test_earlier_thoughts_are_not_in_the_prompt(tiny_server: ServerProcess, conv
         assert "greets" not in model.detokenize(model.chat_prompt_ids(with_thought, think=think))
         content = r.choices[0].message.content or ""
         assert "<|channel>" not in content and "<channel|>" not in content
+
+
+def test_503_while_loading_then_the_load_error(tmp_path: Path) -> None:
+    """/health and the API say 503 while the model loads, then give the load error."""
+    import uvicorn
+
+    from pydgemma.server.app import ServerConfig, create_app
+    from server_process import free_port
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file")
+    port = free_port()
+    go = threading.Event()
+    app = create_app(ServerConfig(model_path=str(bad)), load_after=go)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = httpx.get(base + "/health", timeout=10)
+        assert r.status_code == 503 and r.json() == {"status": "loading"}
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}, timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "loading"
+        go.set()
+        while httpx.get(base + "/health", timeout=10).json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = httpx.get(base + "/health", timeout=10)
+        assert r.status_code == 503 and r.json()["status"] == "error" and "GGUF" in r.json()["message"]
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_load_failed"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_serve_stops_when_the_model_does_not_load(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file")
+    r = subprocess.run([sys.executable, "-m", "pydgemma", "serve", "-m", str(bad), "--port", "0"],
+                       capture_output=True, text=True, timeout=60)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith(f"error: cannot serve {bad}: ") and "Traceback" not in r.stderr
+
+
+def test_disconnect_cancels_the_generation(tiny_server: ServerProcess) -> None:
+    """The tiny random model is never confident, so a canvas runs all its `steps`: 1000 here, far
+    longer than the client stays."""
+    before = tiny_server.health()["generations"]
+    body = {"messages": [{"role": "user", "content": "hi"}], "seed": 9, "max_tokens": 16, "steps": 1000,
+            "stream": True, "stream_drafts": True}
+    seen = 0
+    with httpx.stream("POST", tiny_server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"draft"' in line:
+                seen = json.loads(line[6:])["draft"]["step"] + 1
+                break  # leave after the first denoising step
+    deadline = time.monotonic() + 30
+    while tiny_server.health()["generations"]["cancelled"] == before["cancelled"]:
+        assert time.monotonic() < deadline, tiny_server.health()
+        time.sleep(0.05)
+    after = tiny_server.health()["generations"]
+    assert seen >= 1 and after["completed"] == before["completed"] and after["failed"] == before["failed"]

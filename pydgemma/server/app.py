@@ -42,7 +42,7 @@ def new_id(kind: str) -> str:
 class ServerConfig:
     model_path: str
     n_ctx: int | None = None
-    device: str | None = None
+    device: str = "auto"
     threads: int | None = None
     think: bool = False
     max_queue: int = 16
@@ -168,8 +168,8 @@ class State:
             self.engine = Engine(model, n_ctx=n_ctx, max_queue=self.config.max_queue, sc_top_k=self.config.sc_top_k)
             self.text_of = TokenText(model)
             self.model = model
-        except PydgemmaError as exc:
-            self.load_error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, /health says it and serve() stops with it
+            self.load_error = str(exc) if isinstance(exc, PydgemmaError) else f"{type(exc).__name__}: {exc}"
         if self.on_loaded is not None:
             self.on_loaded(self.load_error)
 
@@ -183,9 +183,18 @@ class State:
         return default_params(self.model)
 
 
-def create_app(config: ServerConfig, *, load_in_background: bool = True) -> FastAPI:
+def create_app(config: ServerConfig, *, load_in_background: bool = True,
+               load_after: threading.Event | None = None) -> FastAPI:
+    """The app. The model loads on a thread when the app starts (/health says 503 until then), after
+    `load_after` is set when one is given (an embedder that wants to serve before loading)."""
     state = State(config)
-    loader = threading.Thread(target=state.load, name="pydgemma-load", daemon=True)
+
+    def load() -> None:
+        if load_after is not None:
+            load_after.wait()
+        state.load()
+
+    loader = threading.Thread(target=load, name="pydgemma-load", daemon=True)
     app = FastAPI(title="pydgemma", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pydgemma = state
 
@@ -255,8 +264,13 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
         if state.engine is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         engine = state.engine
-        return JSONResponse({"status": "ok", "model": state.model_id, "n_ctx": engine.n_ctx, "waiting": engine.waiting,
+        return JSONResponse({"status": "ok", "model": state.model_id, "n_ctx": engine.n_ctx,
+                             "canvas_length": state.model.hparams["canvas_length"], "waiting": engine.waiting,
                              "generations": dict(engine.counts)})
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        return Response(status_code=204)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
