@@ -26,6 +26,10 @@ pydgemma-quantize convert --help >/dev/null
 # the bundled demo model ships in the wheel and solves its sample puzzle
 pydgemma run --json --seed 1 | python -c "import json, sys; assert json.load(sys.stdin)['solved'] is True"
 python -c "import pydgemma.quantize, pydgemma.models"
+# the server's page ships; without the serve extra, `pydgemma serve` says what to install, on one line
+python -c "import importlib.resources as r; assert (r.files('pydgemma') / 'server' / 'static' / 'index.html').is_file()"
+if pydgemma serve --port 0 2>err.txt; then echo "expected serve to refuse without FastAPI" >&2; exit 1; fi
+[ "$(wc -l < err.txt)" -eq 1 ] && grep -q "pip install 'pydgemma\[serve\]'" err.txt
 # quantize/ and models/ ship inside pydgemma, never as generic top-level modules
 for generic in quantize models; do
     if python -c "import $generic" 2>/dev/null; then echo "a top-level '$generic' module was installed" >&2; exit 1; fi
