@@ -5,8 +5,9 @@
 
 Two parts, each engine in its own process:
 1. overhead: the same --requests prompts and seeds, one at a time, through Model.generate in a
-   child process and through the server (streamed, a client in this process); the ratio of the
-   total times is the server's overhead (HTTP, JSON, SSE, the queue, the reply assembly).
+   child process and through the server (whole replies, as Model.generate returns them; a client in
+   this process), taken in turn (direct, served, direct, ...) so that a machine that speeds up or slows down affects both alike; the
+   ratio of the total times is the server's overhead (HTTP, JSON, SSE, the queue, the assembly).
 2. load: --clients concurrent streaming clients for --seconds; requests/s, p50/p95 latency to the
    first content and to the end, generated tokens/s.
 
@@ -30,17 +31,15 @@ import httpx
 DIRECT = r"""
 import json, sys, time
 import pydgemma
-path, requests, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+path, max_tokens = sys.argv[1], int(sys.argv[2])
 model = pydgemma.Model(path)
 C = model.hparams["canvas_length"]
-model.generate(requests[0]["messages"], seed=0, max_new_tokens=C)  # warm-up, as the server's first request
-times, tokens = [], []
-for r in requests:
+print("ready", flush=True)
+for line in sys.stdin:  # one request a line; one answer a line
+    r = json.loads(line)
     t = time.perf_counter()
     gen = model.generate(r["messages"], seed=r["seed"], max_new_tokens=-(-max_tokens // C) * C)
-    times.append(time.perf_counter() - t)
-    tokens.append(len(gen.tokens))
-print(json.dumps({"times": times, "tokens": tokens}))
+    print(json.dumps({"time": time.perf_counter() - t, "tokens": len(gen.tokens)}), flush=True)
 """
 
 
@@ -90,6 +89,15 @@ def stream_once(http: httpx.Client, url: str, body: dict) -> dict:
             "tokens": usage["completion_tokens"] if usage else 0}
 
 
+def plain_once(http: httpx.Client, url: str, body: dict) -> dict:
+    """One non-streamed request (what Model.generate returns: the whole reply at once)."""
+    t0 = time.perf_counter()
+    r = http.post(url, json=body)
+    end = time.perf_counter() - t0
+    return {"status": r.status_code, "end": end,
+            "tokens": r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0}
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else float("nan")
@@ -113,23 +121,33 @@ def main() -> None:
     requests = [{"messages": [{"role": "user", "content": sudoku.prompt_text(puzzles[i % len(puzzles)])}], "seed": i}
                 for i in range(args.requests)]
 
-    # 1. overhead: Model.generate in its own process, then the server, the same requests in turn
-    r = subprocess.run([sys.executable, "-c", DIRECT, model, json.dumps(requests), str(args.max_tokens)],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
-    if r.returncode != 0:
-        sys.exit(f"the direct run failed:\n{r.stderr}")
-    direct = json.loads(r.stdout.strip().splitlines()[-1])
+    # 1. overhead: Model.generate in its own process and the server, the same requests in turn
+    child = subprocess.Popen([sys.executable, "-c", DIRECT, model, str(args.max_tokens)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    if child.stdout.readline().strip() != "ready":
+        sys.exit("the direct engine did not start")
+
+    def generate_directly(req: dict) -> dict:
+        child.stdin.write(json.dumps(req) + "\n")
+        child.stdin.flush()
+        return json.loads(child.stdout.readline())
 
     port = free_port()
     server = start_server(args.model, port, ["--max-queue", str(max(16, 2 * args.clients))])
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     try:
+        direct, served = [], []
         with httpx.Client(timeout=600) as http:
-            stream_once(http, url, {**requests[0], "seed": 0, "max_tokens": 1})  # warm-up
-            served = [stream_once(http, url, {**req, "max_tokens": args.max_tokens}) for req in requests]
+            generate_directly(requests[0])  # warm-ups
+            stream_once(http, url, {**requests[0], "max_tokens": args.max_tokens})
+            for req in requests:
+                direct.append(generate_directly(req))
+                served.append(plain_once(http, url, {**req, "max_tokens": args.max_tokens}))
+        child.stdin.close()
+        child.wait(timeout=60)
         if any(s["status"] != 200 for s in served):
             sys.exit(f"the server refused requests: {[s['status'] for s in served]}")
-        t_direct, t_served = sum(direct["times"]), sum(s["end"] for s in served)
+        t_direct, t_served = sum(d["time"] for d in direct), sum(s["end"] for s in served)
 
         # 2. load: concurrent clients for a bounded time
         done: list[dict] = []
@@ -161,7 +179,7 @@ def main() -> None:
     out = {
         "model": Path(model).name,
         "overhead": {"requests": len(requests), "direct_s": t_direct, "server_s": t_served,
-                     "ratio": t_served / t_direct, "direct_tokens": sum(direct["tokens"]),
+                     "ratio": t_served / t_direct, "direct_tokens": sum(d["tokens"] for d in direct),
                      "server_tokens": sum(s["tokens"] for s in served)},
         "load": {"clients": args.clients, "seconds": wall, "requests": len(done), "ok": len(ok),
                  "requests_per_s": len(ok) / wall,
@@ -172,8 +190,8 @@ def main() -> None:
     }
     o, lo = out["overhead"], out["load"]
     print(f"{out['model']}: {o['requests']} requests one at a time")
-    print(f"  Model.generate  {o['direct_s']:.3f} s   server (streamed)  {o['server_s']:.3f} s   "
-          f"ratio {o['ratio']:.3f} (overhead {100 * (o['ratio'] - 1):+.1f} %)")
+    print(f"  Model.generate  {o['direct_s']:.3f} s   server  {o['server_s']:.3f} s: ratio {o['ratio']:.3f} "
+          f"(overhead {100 * (o['ratio'] - 1):+.1f} %)")
     print(f"{lo['clients']} concurrent clients for {lo['seconds']:.1f} s: {lo['ok']} requests "
           f"({lo['requests'] - lo['ok']} refused), {lo['requests_per_s']:.2f} req/s, {lo['tokens_per_s']:.1f} tok/s")
     print(f"  first content p50 {lo['first_content_p50_s'] * 1e3:.0f} ms, p95 {lo['first_content_p95_s'] * 1e3:.0f} ms; "
