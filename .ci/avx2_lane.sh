@@ -18,10 +18,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 lane=avx2_lane
-ggml_py_version=0.0.45
+flavour=avx2
 . "$repo/.ci/ggml_lane.sh"
-wheel_dir="${PYDGEMMA_CI_CACHE:-/var/cache/pydgemma-ci}/ggml-python-$ggml_py_version-avx2"
-venv="$repo/.venv-avx2"
 recipe=1                 # bump when the build below changes, to invalidate cached wheels
 
 # --- 1. can this CPU run an AVX2 build? ---------------------------------------------------------

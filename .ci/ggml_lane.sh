@@ -1,6 +1,10 @@
 # Shared by the CI lanes that run pydgemma on a ggml-python built their own way (avx2_lane.sh,
 # vulkan_lane.sh): the wheel cache outside the clone, the lane's venv, and the test run.
-# Source it after setting `lane` (the name in messages) and `ggml_py_version`.
+# Source it after setting `lane` (the name in messages), `flavour` (avx2, vulkan) and `repo`; it sets
+# ggml_py_version, wheel_dir (the cache of that flavour's wheel) and venv.
+ggml_py_version=0.0.45
+wheel_dir="${PYDGEMMA_CI_CACHE:-/var/cache/pydgemma-ci}/ggml-python-$ggml_py_version-$flavour"
+venv="$repo/.venv-$flavour"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_PROGRESS_BAR=off DEBIAN_FRONTEND=noninteractive
 lane_start=$SECONDS
 section() { echo "== $* [$((SECONDS - lane_start)) s]"; }

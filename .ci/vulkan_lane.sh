@@ -19,10 +19,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 lane=vulkan_lane
-ggml_py_version=0.0.45
+flavour=vulkan
 . "$repo/.ci/ggml_lane.sh"
-wheel_dir="${PYDGEMMA_CI_CACHE:-/var/cache/pydgemma-ci}/ggml-python-$ggml_py_version-vulkan"
-venv="$repo/.venv-vulkan"
 header_suite=trixie      # the Debian release whose Vulkan headers ggml 0.15.3 builds with
 recipe=3                 # bump when the build below changes, to invalidate cached wheels
 

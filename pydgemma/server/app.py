@@ -282,12 +282,16 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True,
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8") if PAGE.exists() else "<p>pydgemma</p>")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    async def begin(request: Request) -> tuple[dict, Engine, Any, Options]:
+        """What every completion route does first: the key, the body, the model, the common fields."""
         authorize(request)
         body = await read_json(request)
         engine, model = ready()
-        opts = parse_options(body)
+        return body, engine, model, parse_options(body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body, engine, model, opts = await begin(request)
         try:
             messages, tools = normalize_messages(body.get("messages"), body.get("tools"))
         except ValueError as exc:
@@ -322,10 +326,7 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True,
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        authorize(request)
-        body = await read_json(request)
-        engine, model = ready()
-        opts = parse_options(body)
+        body, engine, model, opts = await begin(request)
         prompt_text = body.get("prompt")
         if isinstance(prompt_text, list) and len(prompt_text) == 1 and isinstance(prompt_text[0], str):
             prompt_text = prompt_text[0]
@@ -354,7 +355,7 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True,
             out: dict[str, Any] = {}
             if opts.drafts:
                 out["draft"] = {"canvas": event.canvas, "step": event.step, "text": state.text_of(event.argmax),
-                                "pieces": [state.text_of([t]) for t in event.argmax],
+                                "pieces": [state.text_of.piece(t) for t in event.argmax],
                                 "accepted": [bool(a) for a in event.accepted], "mean_entropy": float(event.mean_entropy)}
             if event.stop:
                 out["delta"] = assembler.feed(event.argmax)

@@ -36,10 +36,19 @@ class TokenText:
     def __init__(self, model: Model) -> None:
         self.model = model
         self.structural: dict[int, str] = {}
+        self._pieces: dict[int, str] = {}
         for marker in STRUCTURAL:
             ids = model.tokenize(marker, add_special=False, parse_special=True)
             if len(ids) == 1:
                 self.structural[ids[0]] = marker
+
+    def piece(self, token_id: int) -> str:
+        """The text of one token (cached: drafts ask for every position at every step)."""
+        t = int(token_id)
+        text = self._pieces.get(t)
+        if text is None:
+            text = self._pieces[t] = self([t])
+        return text
 
     def __call__(self, ids: Sequence[int]) -> str:
         out: list[str] = []
