@@ -33,15 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-SIZES = {
-    # the test model: 6 layers, hidden 64, 4 experts, vocab 512, canvas 16
-    "tiny": dict(),
-    # ~0.35 B parameters (~85 M active per token): hidden 768, 12 layers (full at 5 and 11),
-    # 24 experts top-4, vocab 32768, canvas 256
-    "mid": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=4, head_dim=96,
-                global_head_dim=192, num_global_key_value_heads=2, intermediate_size=1536, moe_intermediate_size=384,
-                num_experts=24, top_k_experts=4, vocab_size=32768, sliding_window=128, canvas_length=256),
-}
+# Presets of pydgemma.models.registry: "tiny", the test model (6 layers, hidden 64, 4 experts, vocab
+# 512, canvas 16); "mid", ~0.35 B parameters (~85 M active per token: hidden 768, 12 layers with full
+# attention at 5 and 11, 24 experts top-4, vocab 32768, canvas 256).
+SIZES = ("tiny", "mid")
 QUANT_TYPES = {"q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "nvfp4": "NVFP4"}
 
 
@@ -57,14 +52,15 @@ def median_s(fn, repeat: int) -> float:
 
 def prepare(size: str, work: Path, types: list[str]) -> tuple[Path, dict[str, Path]]:
     """The checkpoint and one GGUF per type, built once and reused."""
-    from pydgemma.models.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from pydgemma.models import registry
+    from pydgemma.models.tiny_checkpoint import build_tiny_checkpoint
     from pydgemma.quantize import convert
     from pydgemma.quantize.quantize import quantize
 
     ckpt = work / "hf"
     if not (ckpt / "config.json").is_file():
         print(f"building the {size} checkpoint in {ckpt} ...", flush=True)
-        build_tiny_checkpoint(ckpt, TinySpec(**SIZES[size]))
+        build_tiny_checkpoint(ckpt, registry.get(size).tiny_spec())
     files = {}
     for t in types:
         path = work / f"model-{t}.gguf"

@@ -92,6 +92,7 @@ def run_bench(model, *, prompt_tokens: int = 64, canvases: int = 1, steps: int |
                   "n_threads": model.n_threads},
         "prompt_tokens": prompt_tokens,
         "sc_top_k": sc_top_k,
+        "context": ctx.info,
         "prefill_tok_per_s": prompt_tokens / statistics.median(prefill),
         "denoise_step": {
             "forward": _ms(plain),

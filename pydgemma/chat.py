@@ -72,11 +72,11 @@ class ChatSession:
     Thoughts are never fed back (the template strips them from model turns)."""
 
     def __init__(self, model: Model, *, system: str | None = None, think: bool = False, n_ctx: int | None = None,
-                 sc_top_k: int = 0, **generate_options: Any) -> None:
+                 sc_top_k: int = 0, kv_type: str = "f16", **generate_options: Any) -> None:
         self.model = model
         self.think = think
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        self.ctx = model.context(n_ctx=n_ctx, sc_top_k=sc_top_k)
+        self.ctx = model.context(n_ctx=n_ctx, sc_top_k=sc_top_k, kv_type=kv_type)
         self._cached: list[int] = []  # the tokens whose K/V the context holds
         self.options = generate_options
 

@@ -141,8 +141,20 @@ def info(
     model: Path = typer.Option(..., "--model", "-m", help="A DiffusionGemma .gguf file.", show_default=False),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     device: str = typer.Option("auto", "--device", "-d", help="'auto' (first GPU, else CPU), 'cpu', or a device name."),
+    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=1, help="Plan the memory of a context of this many "
+                                        "tokens (default: min(4096, the model's))."),
+    kv_type: str = typer.Option("f16", "--kv-type", help="The planned KV cache's entries: f16, f32 or q8_0."),
+    sc_top_k: int = typer.Option(0, "--sc-top-k", min=0, help="Plan approximate self-conditioning (no table)."),
 ) -> None:
-    """Validate a model file and describe it: hyper-parameters, tensor types, devices.
+    """Validate a model file and describe it: hyper-parameters, tensor types, devices, and the
+    memory a context takes on the model's device (weights, KV cache, self-conditioning, compute),
+    and whether it fits.
+
+    Examples:
+
+      pydgemma info -m model.gguf
+
+      pydgemma info -m model.gguf --n-ctx 131072 --kv-type q8_0 --device CUDA0
 
     Exits with status 1 and a one-line reason if the file is not a valid DiffusionGemma GGUF.
     """
@@ -151,10 +163,36 @@ def info(
 
     with Model(model, device=device) as m:
         data = _info_dict(m, devices())
+        data["memory_plan"] = m.plan_memory(n_ctx, kv_type=kv_type, sc_top_k=sc_top_k)
     if json_output:
         typer.echo(json.dumps(data, indent=2))
     else:
         _print_info(data)
+        _print_plan(data["memory_plan"])
+
+
+PLAN_ROWS = (("weights_copied", "weights (device memory)"), ("weights_mapped", "weights (mapped from the file)"),
+             ("kv", "KV cache"), ("self_cond_table", "self-conditioning table"),
+             ("self_cond_state", "self-conditioning state"), ("compute", "compute buffers (estimate)"))
+
+
+def _print_plan(plan: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"memory of a context of {plan['n_ctx']} tokens on {plan['device']} "
+              f"(KV {plan['kv_type']}, {'flash attention' if plan['flash_attn'] else 'matmul attention'})", soft_wrap=True)
+    table = Table()
+    table.add_column("part", style="cyan")
+    table.add_column("size", justify="right")
+    for key, label in PLAN_ROWS:
+        table.add_row(label, _human_bytes(plan[key]))
+    table.add_row("total", _human_bytes(plan["total"]), style="bold")
+    if plan["device_free"]:
+        table.add_row("device free / total", f"{_human_bytes(plan['device_free'])} / {_human_bytes(plan['device_total'])}")
+    con.print(table)
+    con.print("fits" if plan["fits"] else "[bold red]does not fit[/]: use a smaller --n-ctx, --kv-type q8_0, or another device")
 
 
 @app.command()
@@ -177,6 +215,8 @@ def run(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: text, thinking, tokens, stats."),
     sc_top_k: int = typer.Option(0, "--sc-top-k", min=0, help="APPROXIMATE self-conditioning over each position's "
                                  "k likeliest tokens (faster; changes the output). 0 = exact."),
+    kv_type: str = typer.Option("f16", "--kv-type", help="KV cache entries: f16 (default), f32 (exact), q8_0 "
+                                "(half of f16's memory; flash attention). See 'pydgemma info --n-ctx'."),
 ) -> None:
     """Generate text from a prompt, or chat with -i. With no model, the bundled demo solves a Sudoku.
 
@@ -210,6 +250,7 @@ def run(
                "max_new_tokens": max_tokens or m.hparams["canvas_length"]}
     if sc_top_k:
         options["sc_top_k"] = sc_top_k
+    options["kv_type"] = kv_type
     if interactive:
         raise typer.Exit(chat_loop(m, options, think=think, visual=visual, system=system))
     if demo and prompt is None:
@@ -336,6 +377,8 @@ def serve(
     max_queue: int = typer.Option(16, "--max-queue", min=1, help="Requests that may wait; more get 503 + Retry-After."),
     sc_top_k: int = typer.Option(0, "--sc-top-k", min=0, help="APPROXIMATE self-conditioning over each position's "
                                  "k likeliest tokens (faster; changes the output). 0 = exact."),
+    kv_type: str = typer.Option("f16", "--kv-type", help="KV cache entries: f16 (default), f32 (exact), q8_0 "
+                                "(half of f16's memory; flash attention). See 'pydgemma info --n-ctx'."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a page at / that shows the canvas settle.
 
@@ -363,7 +406,8 @@ def serve(
     if not Path(path).is_file():
         raise PydgemmaError(f"no such model file: {path}", "DG_ERR_IO")
     config = ServerConfig(model_path=str(path), n_ctx=n_ctx, device=device, threads=threads, think=think,
-                          max_queue=max_queue, api_key=api_key or None, sc_top_k=sc_top_k)
+                          max_queue=max_queue, api_key=api_key or None, sc_top_k=sc_top_k,
+                          kv_type=kv_type)
 
     def ready(url: str) -> None:
         typer.echo(f"pydgemma serving {Path(path).name} at {url}  (OpenAI API under {url}/v1, page at {url}/)", err=True)

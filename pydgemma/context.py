@@ -17,6 +17,46 @@ if TYPE_CHECKING:
 
 # Our CPU kernels by name, in DG_CPU_KERNEL_* order (dgemma.h): each replaces stock ggml ops on the CPU.
 CPU_KERNELS = ("q8_0_matmul", "self_cond_mix", "activations", "sampler")
+# KV cache entry types, in dg_kv_type order (dgemma.h); the first is the default.
+KV_TYPES = ("f16", "f32", "q8_0")
+FLASH_ATTN = ("auto", "on", "off")
+
+
+SC_TABLES = ("auto", "f32", "f16", "q8_0")
+
+
+def _fill_memory_params(params, kv_type: str, flash_attn: str, sc_table: str) -> None:
+    params.kv_type = _choice(kv_type, KV_TYPES, "kv_type")
+    params.flash_attn = _choice(flash_attn, FLASH_ATTN, "flash_attn")
+    params.sc_table = _choice(sc_table, SC_TABLES, "sc_table")
+
+
+def plan_memory(model: Model, *, n_ctx: int | None = None, n_batch: int = 512, sc_top_k: int = 0, kv_type: str = "f16",
+                flash_attn: str = "auto", sc_table: str = "auto", cpu_kernels: str | Iterable[str] | None = None) -> dict:
+    """What a context with these settings would take on the model's device (dg_plan_memory), in bytes."""
+    nat = native()
+    ffi, lib = nat.ffi, nat.lib
+    params = ffi.new("dg_context_params *", lib.dg_context_default_params())
+    params.n_ctx = n_ctx or 0
+    params.n_batch = n_batch
+    params.sc_top_k = sc_top_k
+    params.cpu_kernels = _kernel_mask(cpu_kernels)
+    _fill_memory_params(params, kv_type, flash_attn, sc_table)
+    out = ffi.new("dg_memory_plan *")
+    Context._check(lib.dg_plan_memory(model._handle, params, out))
+    keys = ("weights_copied", "weights_mapped", "kv", "self_cond_table", "self_cond_state", "compute", "total",
+            "device_free", "device_total", "n_ctx")
+    plan = {k: int(getattr(out, k)) for k in keys}
+    plan.update(fits=bool(out.fits), flash_attn=bool(out.flash_attn), kv_type=KV_TYPES[params.kv_type],
+                device=model.device)
+    return plan
+
+
+def _choice(value: str, names: tuple[str, ...], what: str) -> int:
+    key = str(value).lower()
+    if key not in names:
+        raise PydgemmaError(f"{what} must be one of {', '.join(names)}, got {value!r}", "DG_ERR_INVALID_ARG")
+    return names.index(key)
 
 
 def _kernel_mask(cpu_kernels: str | Iterable[str] | None) -> int:
@@ -55,7 +95,8 @@ class Context:
     """Created by :meth:`Model.context`. Not thread-safe; use one context per thread."""
 
     def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 512, n_threads: int | None = None,
-                 sc_top_k: int = 0, cpu_kernels: str | Iterable[str] | None = None) -> None:
+                 sc_top_k: int = 0, cpu_kernels: str | Iterable[str] | None = None, kv_type: str = "f16",
+                 flash_attn: str = "auto", sc_table: str = "auto") -> None:
         nat = native()
         ffi, lib = nat.ffi, nat.lib
         self.model = model  # keeps the model alive as long as the context
@@ -67,6 +108,8 @@ class Context:
             raise PydgemmaError(f"sc_top_k must be 0 (exact) or positive, got {sc_top_k}", "DG_ERR_INVALID_ARG")
         params.sc_top_k = sc_top_k
         params.cpu_kernels = _kernel_mask(cpu_kernels)
+        _fill_memory_params(params, kv_type, flash_attn, sc_table)
+        self.kv_type = KV_TYPES[params.kv_type]
         out = ffi.new("dg_context **")
         self._check(lib.dg_context_new(model._handle, params, out))
         self._handle = ffi.gc(out[0], lib.dg_context_free)
@@ -142,6 +185,18 @@ class Context:
     def kernels(self) -> list[str]:
         """The CPU kernels this context's graphs use ([] off the CPU, or when all are off)."""
         return native().string(native().lib.dg_context_kernels(self._handle)).split()
+
+    @property
+    def info(self) -> dict:
+        """The KV cache's type, slots and bytes, the attention path, the compute buffers' bytes, the
+        self-conditioning state's bytes and the number of graphs built (dg_context_info)."""
+        nat = native()
+        out = nat.ffi.new("dg_context_info *")
+        self._check(nat.lib.dg_context_get_info(self._handle, out))
+        return {"kv_type": KV_TYPES[out.kv_type], "flash_attn": bool(out.flash_attn), "kv_slots_full": out.kv_slots_full,
+                "kv_slots_swa": out.kv_slots_swa, "kv_bytes": out.kv_bytes, "compute_bytes": out.compute_bytes,
+                "self_cond_bytes": out.self_cond_bytes, "sc_table_bytes": out.sc_table_bytes,
+                "graphs_built": out.graphs_built}
 
     @property
     def step_stats(self) -> dict[str, float]:

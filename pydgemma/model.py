@@ -166,7 +166,7 @@ class Model:
             raise ModelError(nat.last_error(), nat.status_name(status))
 
     def context(self, n_ctx: int | None = None, *, n_batch: int = 512, n_threads: int | None = None, sc_top_k: int = 0,
-                cpu_kernels=None):
+                cpu_kernels=None, kv_type: str = "f16", flash_attn: str = "auto", sc_table: str = "auto"):
         """A generation context: a KV cache for ``n_ctx`` tokens (default min(4096, context length)).
 
         ``sc_top_k`` > 0 switches self-conditioning to an APPROXIMATE mode that mixes only each canvas
@@ -175,12 +175,31 @@ class Model:
 
         ``cpu_kernels``: which of our CPU kernels the graphs may use (:data:`pydgemma.CPU_KERNELS`):
         None (default: all, less those ``DGEMMA_NO_CPU_KERNELS`` names), "all", "none", or an
-        iterable of names; ``ctx.kernels`` says which are in use."""
+        iterable of names; ``ctx.kernels`` says which are in use.
+
+        ``kv_type``: the KV cache's entries, "f16" (default), "f32" (the transformers-exact one) or
+        "q8_0" (about half of F16; needs flash attention). ``flash_attn``: "auto" (matmuls on the CPU
+        up to 8K context, flash attention beyond, on other devices that run it, and for a Q8_0
+        cache), "on" or "off". ``sc_table``: the self-conditioning table's type, "auto" (F32 for an
+        F32 embedding, else Q8_0), "f32", "f16" or "q8_0"; one table per type is shared by the
+        model's contexts. The context is refused up front (with :meth:`plan_memory`'s breakdown)
+        when it does not fit on the device."""
         from .context import Context
 
         if self._handle is None:
             raise ModelError("the model is closed", "DG_ERR_INVALID_ARG")
-        return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, sc_top_k=sc_top_k, cpu_kernels=cpu_kernels)
+        return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, sc_top_k=sc_top_k, cpu_kernels=cpu_kernels,
+                       kv_type=kv_type, flash_attn=flash_attn, sc_table=sc_table)
+
+    def plan_memory(self, n_ctx: int | None = None, **settings) -> dict:
+        """What :meth:`context` with these settings would take on the device, before allocating it:
+        bytes of weights (copied / mapped), KV cache, self-conditioning table and state, compute
+        (an estimate), total, the device's free and total memory, and whether it fits."""
+        from .context import plan_memory
+
+        if self._handle is None:
+            raise ModelError("the model is closed", "DG_ERR_INVALID_ARG")
+        return plan_memory(self, n_ctx=n_ctx, **settings)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of `text` with the model's own tokenizer; `add_special` prepends BOS."""
@@ -249,11 +268,11 @@ class Model:
         return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
 
     def generate(self, prompt_or_messages, *, max_new_tokens: int = 256, think: bool = False, n_ctx: int | None = None,
-                 sc_top_k: int = 0, **options):
+                 sc_top_k: int = 0, kv_type: str = "f16", **options):
         """Generates a reply. A string is one user turn (rendered with the chat template when the
         model has one); a list is chat messages ({"role", "content"}). Options: max_steps, t_min,
         t_max, entropy_bound, seed, on_step(StepEvent) -> False to stop, on_canvas(index, text).
-        ``sc_top_k`` > 0: approximate self-conditioning (see :meth:`context`)."""
+        ``sc_top_k`` > 0: approximate self-conditioning; ``kv_type``: the KV cache (see :meth:`context`)."""
         from .generate import generate_in_context
 
         if isinstance(prompt_or_messages, str):
@@ -265,7 +284,8 @@ class Model:
             ids = self.chat_prompt_ids(list(prompt_or_messages), think=think)
         canvas = self.hparams["canvas_length"]
         needed = len(ids) + -(-max_new_tokens // canvas) * canvas
-        ctx = self.context(n_ctx=n_ctx or min(self.hparams["n_ctx_train"], max(needed, 1)), sc_top_k=sc_top_k)
+        ctx = self.context(n_ctx=n_ctx or min(self.hparams["n_ctx_train"], max(needed, 1)), sc_top_k=sc_top_k,
+                           kv_type=kv_type)
         return generate_in_context(self, ctx, ids, max_new_tokens=max_new_tokens, **options)
 
     def chat(self, *, system: str | None = None, think: bool = False, n_ctx: int | None = None, **options):

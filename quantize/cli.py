@@ -261,6 +261,12 @@ def drift_cmd(
     sc_top_k: int = typer.Option(0, "--sc-top-k", min=0, help="Run the measured model with APPROXIMATE self-conditioning "
                                  "over each position's k likeliest tokens (the reference stays exact): with --ref and "
                                  "-m the same file, this measures the approximation alone."),
+    kv_type: str = typer.Option("f32", "--kv-type", help="The measured model's KV cache entries: f32 (default: the "
+                                "drift is the quantization's alone), f16 (the runtime's default) or q8_0. The reference "
+                                "always runs F32 entries."),
+    sc_table: str = typer.Option("f32", "--sc-table", help="The measured model's self-conditioning table: f32 (default, "
+                                 "as the reference's), auto (the runtime's default), f16 or q8_0. With --ref and -m the "
+                                 "same file, --kv-type / --sc-table measure those choices alone."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
 ) -> None:
     """Measure how far a quantized model drifts from its reference, as a diffusion model degrades.
@@ -317,7 +323,8 @@ def drift_cmd(
             report = measure(model, ref_path=ref, ref_cache=ref_cache, save_ref=save_ref, prompts=prompt_list, task=task,
                              canvases=canvases, canvases_per_prompt=per_prompt, seed=seed, max_steps=steps,
                              probe_positions=prompt_positions, position_buckets=buckets, device=device,
-                             n_threads=threads, progress=report_progress, sc_top_k=sc_top_k)
+                             n_threads=threads, progress=report_progress, sc_top_k=sc_top_k,
+                             kv_type=kv_type, sc_table=sc_table)
         checks = check(report, thresholds) if thresholds is not None else []
     except DriftUsageError as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -149,6 +149,12 @@ def _default_out_type(ckpt: Checkpoint) -> Q:
 
 
 def _write_metadata(w: gguf.GGUFWriter, a: ArchParams, ckpt: Checkpoint, file_type: int, name: str) -> None:
+    write_arch_metadata(w, a, file_type, name)
+    read_vocab(ckpt, a.vocab_size).write(w)
+
+
+def write_arch_metadata(w: gguf.GGUFWriter, a: ArchParams, file_type: int, name: str) -> None:
+    """Every metadata key of spec section 1 but the tokenizer's (general.*, hparams, diffusion.*)."""
     w.add_type("model")
     w.add_name(name)
     w.add_file_type(file_type)
@@ -183,7 +189,6 @@ def _write_metadata(w: gguf.GGUFWriter, a: ArchParams, ckpt: Checkpoint, file_ty
             w.add_uint32(key, value)
         else:
             w.add_float32(key, value)
-    read_vocab(ckpt, a.vocab_size).write(w)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -272,7 +277,7 @@ def convert(
         name = arch.name.rstrip("/").split("/")[-1] or ckpt.folder.name
         with atomic_output(out_path) as tmp:
             _write_file(tmp, plan, arch, ckpt, qtype, name, progress, chunk_bytes)
-            _validate(tmp, plan)
+            validate_output(tmp, plan)
     except CheckpointError as exc:
         raise ConversionError(str(exc)) from exc
     type_counts: dict[str, int] = {}
@@ -324,7 +329,7 @@ def write_gguf(tmp: Path, plan: list[PlannedTensor], write_metadata: Callable[[g
         w.close()
 
 
-def _validate(path: Path, plan: list[PlannedTensor]) -> None:
+def validate_output(path: Path, plan: list[PlannedTensor]) -> None:
     """Every file we write must pass the native loader's checks."""
     from pydgemma import Model, ModelError
 

@@ -195,12 +195,15 @@ def measure(model_path: str | os.PathLike[str], *, ref_path: str | os.PathLike[s
             prompts: Sequence[str] | None = None, task: str = "auto", canvases: int | None = None,
             canvases_per_prompt: int | None = None, seed: int | None = None, max_steps: int | None = None,
             probe_positions: int | None = None, position_buckets: int = 8, device: str = "auto",
-            n_threads: int | None = None, progress: ProgressFn | None = None, sc_top_k: int = 0) -> dict:
+            n_threads: int | None = None, progress: ProgressFn | None = None, sc_top_k: int = 0, kv_type: str = "f32",
+            sc_table: str = "f32") -> dict:
     """Measures `model_path` against a reference model (`ref_path`) or a stored reference run
     (`ref_cache`), returning the report (a JSON-ready dict). `save_ref` stores the reference run.
     Options left at None take their defaults (32 canvases, 1 per prompt, seed 0, the model's
     steps, 4 probed prompt prefixes) or, with `ref_cache`, the stored run's values. `sc_top_k` > 0 runs
-    the measured model with approximate top-k self-conditioning (the reference stays exact)."""
+    the measured model with approximate top-k self-conditioning; `kv_type` and `sc_table` are the measured
+    model's KV cache and self-conditioning table. The reference always runs F32 entries and an F32
+    table (exact); so does the measured model by default, so that the drift is the quantization's alone."""
     from pydgemma import Model
 
     if (ref_path is None) == (ref_cache is None):
@@ -217,7 +220,8 @@ def measure(model_path: str | os.PathLike[str], *, ref_path: str | os.PathLike[s
             workload = cache.workload()
             task_name = cache.meta["task"]
             return _compare(model, model_path, cache, cache.meta["ref"], workload, task_name, position_buckets,
-                            progress, reference_from="cache", sc_top_k=sc_top_k)
+                            progress, reference_from="cache", sc_top_k=sc_top_k, kv_type=kv_type,
+                            sc_table=sc_table)
         with Model(ref_path, device=device, n_threads=n_threads) as ref:
             for key in ("n_vocab", "canvas_length"):
                 if ref.hparams[key] != model.hparams[key]:
@@ -231,7 +235,8 @@ def measure(model_path: str | os.PathLike[str], *, ref_path: str | os.PathLike[s
             source = LiveReference(ref, workload)
             recorder = Recorder(source) if save_ref is not None else None
             report = _compare(model, model_path, recorder or source, ref_info, workload, task_name, position_buckets,
-                              progress, reference_from="model", sc_top_k=sc_top_k)
+                              progress, reference_from="model", sc_top_k=sc_top_k, kv_type=kv_type,
+                              sc_table=sc_table)
             if recorder is not None:
                 try:
                     RefCache.save(save_ref, recorder, workload, ref_info, task_name)
@@ -273,9 +278,10 @@ def _load_cache(path, model, **given) -> RefCache:
 
 
 def _compare(model, model_path, source, ref_info: dict, wl: Workload, task: str | None, n_buckets: int,
-             progress: ProgressFn | None, *, reference_from: str, sc_top_k: int = 0) -> dict:
+             progress: ProgressFn | None, *, reference_from: str, sc_top_k: int = 0, kv_type: str = "f32",
+             sc_table: str = "f32") -> dict:
     C = model.hparams["canvas_length"]
-    ctx = model.context(n_ctx=wl.n_ctx(C), sc_top_k=sc_top_k)
+    ctx = model.context(n_ctx=wl.n_ctx(C), sc_top_k=sc_top_k, kv_type=kv_type, sc_table=sc_table)
     forcer = TeacherForcer(model, ctx, wl)
     probe_canvas = source.probe_canvas
     forced, ref_runs, model_runs, probe_kl, probe_top1 = [], [], [], [], []
@@ -307,7 +313,8 @@ def _compare(model, model_path, source, ref_info: dict, wl: Workload, task: str 
         "settings": {"canvases": total * wl.canvases_per_prompt, "canvases_per_prompt": wl.canvases_per_prompt,
                      "prompts": total, "seed": wl.seeds[0], "sampler": wl.sampler,
                      "prompt_positions": wl.probe_positions, "position_buckets": n_buckets, "task": task,
-                     "canvas_length": C, "n_vocab": model.hparams["n_vocab"], "sc_top_k": sc_top_k},
+                     "canvas_length": C, "n_vocab": model.hparams["n_vocab"], "sc_top_k": sc_top_k,
+                     "kv_type": kv_type, "sc_table": sc_table},
         "teacher_forced": teacher_forced_summary(forced, C, n_buckets),
         "free_running": free_running_summary(ref_runs, model_runs, model.eog_ids),
         "prompt_side": prompt_side_summary(probe_kl, probe_top1),

@@ -191,7 +191,8 @@ class LiveReference:
 
     def __init__(self, model, workload: Workload) -> None:
         self.model, self.workload = model, workload
-        self.ctx = model.context(n_ctx=workload.n_ctx(model.hparams["canvas_length"]))
+        # the reference: F32 KV entries and an F32 self-conditioning table (exact)
+        self.ctx = model.context(n_ctx=workload.n_ctx(model.hparams["canvas_length"]), kv_type="f32", sc_table="f32")
         # the probe's canvas: uniform random ids from the sampler, as a first denoising step sees
         self.probe_canvas = None
         if workload.probe_positions:

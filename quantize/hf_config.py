@@ -63,7 +63,11 @@ def _positive_int(value: Any, key: str) -> int:
 
 
 def read_arch(ckpt: Checkpoint) -> ArchParams:
-    root = ckpt.json("config.json")
+    return arch_from_config(ckpt.json("config.json"), ckpt.json("generation_config.json", required=False) or {})
+
+
+def arch_from_config(root: dict, gen: dict | None = None) -> ArchParams:
+    """The hyper-parameters of a config.json (and generation_config.json) given as dicts."""
     model_type = root.get("model_type")
     if model_type not in ("diffusion_gemma", "diffusion_gemma_text", None):
         raise ConfigError(f"config.json describes a '{model_type}' model, not DiffusionGemma ('diffusion_gemma')")
@@ -114,7 +118,7 @@ def read_arch(ckpt: Checkpoint) -> ArchParams:
     if softcap is None:
         softcap = 0.0
 
-    gen = ckpt.json("generation_config.json", required=False) or {}
+    gen = gen or {}
     generation: dict[str, Any] = {}
     sampler = gen.get("sampler_config") or {}
     for gguf_key, value, kind in (

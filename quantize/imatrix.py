@@ -95,7 +95,8 @@ def collect(
         if n_ctx > model.hparams["n_ctx_train"]:
             raise ConversionError(f"a chunk of {chunk_size} tokens and {max_new_tokens} new tokens need {n_ctx} positions; "
                                   f"the model has {model.hparams['n_ctx_train']}")
-        ctx = model.context(n_ctx=n_ctx, n_batch=chunk_size, n_threads=n_threads)
+        # F32 KV entries: the activations collected are the model's, not rounded through an F16 cache
+        ctx = model.context(n_ctx=n_ctx, n_batch=chunk_size, n_threads=n_threads, kv_type="f32")
         try:
             ctx.imatrix_start()
             if progress:

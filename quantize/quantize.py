@@ -12,8 +12,8 @@ import gguf
 import numpy as np
 
 from .checkpoint import Checkpoint, CheckpointError, resolve_checkpoint_dir, tensors_equal
-from .convert import (ARCH, ConversionError, PlannedTensor, ProgressFn, _validate, _write_metadata, atomic_output,
-                      plan_tensors, write_gguf)
+from .convert import (ARCH, ConversionError, PlannedTensor, ProgressFn, _write_metadata, atomic_output,
+                      plan_tensors, validate_output, write_gguf)
 from .hf_config import read_arch
 from .imatrix import Imatrix, importance, read_imatrix
 from .policy import MIXES, Choice, Q, choose
@@ -207,5 +207,5 @@ def quantize(
     assert out_path is not None
     with atomic_output(out_path) as tmp:
         write_gguf(tmp, plan, write_metadata, native_encoder(n_threads, weights), progress, chunk_bytes)
-        _validate(tmp, plan)
+        validate_output(tmp, plan)
     return QuantizeResult(out_path, choices, total)

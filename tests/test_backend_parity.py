@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import pydgemma
+from step_bytes import step_bytes_to_device
 from conftest import device_under_test
 from pydgemma.generate import generate_ids
 from pydgemma.sampler import Sampler
@@ -48,7 +49,7 @@ def paths(converted: dict[str, Path], converted_odd: dict[str, Path]) -> dict[st
 
 def under_test(path: Path) -> pydgemma.Context:
     model = pydgemma.Model(path, device=DEVICE)
-    return model.context(n_ctx=160, cpu_kernels="none")
+    return model.context(n_ctx=160, cpu_kernels="none", kv_type="f32")
 
 
 # Our self-conditioning kernel keeps the probabilities in F32 where ggml's product rounds them to
@@ -58,7 +59,7 @@ REFERENCE_KERNELS = [k for k in pydgemma.CPU_KERNELS if k != "self_cond_mix"]
 
 
 def reference(path: Path) -> pydgemma.Context:
-    return pydgemma.Model(path, device="cpu").context(n_ctx=160, cpu_kernels=REFERENCE_KERNELS)
+    return pydgemma.Model(path, device="cpu").context(n_ctx=160, cpu_kernels=REFERENCE_KERNELS, kv_type="f32")
 
 
 def per_token(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -210,21 +211,22 @@ def test_generation_works_and_is_deterministic(paths: dict[str, Path], name: str
     prompt = model.tokenize("the device step", add_special=True)
     runs = []
     for _ in range(2):
-        ctx = model.context(n_ctx=160, cpu_kernels="none")
+        ctx = model.context(n_ctx=160, cpu_kernels="none", kv_type="f32")
         runs.append(generate_ids(ctx, prompt, max_new_tokens=2 * C, sampler={"seed": 4, "max_steps": 8}, eos_ids=[]))
     a, b = runs
     assert a.tokens == b.tokens and a.steps == b.steps
     assert len(a.tokens) == 2 * C and all(0 <= t < model.hparams["n_vocab"] for t in a.tokens)
     assert len(a.steps) == 2 and all(1 <= s <= 8 for s in a.steps)
-    # O(canvas) per step: in, the canvas, its positions, n uniforms and the temperature; out, 12 bytes a position
+    # per step: in, the canvas, its positions, n uniforms, the temperature and the KV cache's slots
+    # and mask rows (tests/step_bytes.py; the view is the same for both canvases); out, 12 bytes a position
     assert a.transfer["from_device"] == 12 * C * a.n_forwards
-    assert a.transfer["to_device"] == (12 * C + 4) * a.n_forwards
+    assert a.transfer["to_device"] == step_bytes_to_device(model, ctx.info, len(prompt)) * a.n_forwards
     if ON_CPU:
         # Stock ops and our kernels give the same text. On Q8_0 models the comparison keeps ggml's
         # GELU/softcap: ours differ from it by float32 ulps, which the 8-bit quantization of the next
         # product's activations turns into whole rounding steps, and this random model's near-flat
         # logits into other argmaxes (test_denoise_logits_match bounds that difference).
         kernels = REFERENCE_KERNELS if "q8_0" not in name else ["sampler"]
-        ref_ctx = pydgemma.Model(paths[name], device="cpu").context(n_ctx=160, cpu_kernels=kernels)
+        ref_ctx = pydgemma.Model(paths[name], device="cpu").context(n_ctx=160, cpu_kernels=kernels, kv_type="f32")
         ref = generate_ids(ref_ctx, prompt, max_new_tokens=2 * C, sampler={"seed": 4, "max_steps": 8}, eos_ids=[])
         assert ref_ctx.kernels and a.tokens == ref.tokens and a.steps == ref.steps

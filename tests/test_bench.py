@@ -23,13 +23,17 @@ def test_bench_json(converted: dict[str, Path]) -> None:
     assert abs(sum(step["share"].values()) - 1.0) < 1e-9
     assert data["prefill_tok_per_s"] > 0 and data["peak_rss_bytes"] > 10 * 2**20
     assert data["sc_top_k"] == 0
-    # the device step: its parts, and O(canvas) bytes per step (16 positions: canvas, positions and
-    # uniforms in, plus the temperature; argmax, draw and entropy out)
+    # the device step: its parts, and the bytes per step (16 positions: canvas, positions and
+    # uniforms in, plus the temperature and the KV cache's slots and masks; argmax, draw and entropy out)
     dev = data["step"]
     assert dev["graph_with_self_conditioning"]["median_ms"] > 0 and dev["total"]["median_ms"] > 0
     assert abs(sum(dev["share"].values()) - 1.0) < 1e-9
-    assert dev["bytes_to_device"] == 12 * 16 + 4 and dev["bytes_from_device"] == 12 * 16
-    assert gen["bytes_to_device_per_step"] == 12 * 16 + 4 and gen["bytes_from_device_per_step"] == 12 * 16
+    import pydgemma
+    from step_bytes import step_bytes_to_device
+
+    per_step = step_bytes_to_device(pydgemma.Model(converted["f32"]), data["context"], n_past=20)
+    assert dev["bytes_to_device"] == per_step and dev["bytes_from_device"] == 12 * 16
+    assert gen["bytes_to_device_per_step"] == per_step and gen["bytes_from_device_per_step"] == 12 * 16
     assert set(gen["timings"]) == {"total", "prefill", "steps", "sampler", "callback", "python"}
     # the CPU backend reports how ggml was built (what decides whether its tiled matmuls are there)
     import ggml

@@ -293,8 +293,9 @@ def test_the_ci_baseline_is_well_formed() -> None:
 
 
 def test_cli_report_and_summaries(tmp_path: Path) -> None:
+    """The same file, run as the reference runs (F32 KV entries, F32 self-conditioning table): no drift."""
     r = drift_cli("--ref", str(DEMO_Q8), "-m", str(DEMO_Q8), "-o", str(tmp_path / "r.json"), "--canvases", "4",
-                  "--markdown", str(tmp_path / "r.md"))
+                  "--markdown", str(tmp_path / "r.md"), "--kv-type", "f32", "--sc-table", "f32")
     assert r.returncode == 0, r.stderr
     assert "top-1 agreement" in r.stdout and "no baseline: nothing checked" in r.stdout
     report = json.loads((tmp_path / "r.json").read_text())
@@ -302,6 +303,22 @@ def test_cli_report_and_summaries(tmp_path: Path) -> None:
     md = (tmp_path / "r.md").read_text()
     assert md.startswith("### Quantization drift: sudoku4-q8_0.gguf vs sudoku4-q8_0.gguf: 4 canvases")
     assert "| top-1 agreement | 100.00 % |" in md and "| 0-2 | 0 | 0 | 0 | 100.00 % |" in md
+
+
+def test_runtime_memory_choices_are_measured(tmp_path: Path) -> None:
+    """The same file with the runtime's memory choices (F16 or Q8_0 KV entries, the default Q8_0
+    table) against the exact reference: small but measurable drift, Q8_0 entries more than F16."""
+    kl = {}
+    for kv in ("f16", "q8_0"):
+        r = drift_cli("--ref", str(DEMO_Q8), "-m", str(DEMO_Q8), "-o", str(tmp_path / f"{kv}.json"), "--canvases", "4",
+                      "--kv-type", kv, "--sc-table", "auto", "-q")
+        assert r.returncode == 0, r.stderr
+        report = json.loads((tmp_path / f"{kv}.json").read_text())
+        assert report["settings"]["kv_type"] == kv and report["settings"]["sc_table"] == "auto"
+        tf = report["teacher_forced"]
+        kl[kv] = tf["kl"]["mean"]
+        assert 0 < kl[kv] < 1e-2 and tf["top1"] >= 0.97
+    assert kl["q8_0"] > kl["f16"]
 
 
 def test_cli_plot(tmp_path: Path) -> None:  # matplotlib comes with the test extra

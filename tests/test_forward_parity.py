@@ -87,7 +87,7 @@ def test_f32_prefill_three_canvases_with_and_without_self_conditioning(setup) ->
     spec, ckpts, ggufs = setup
     prompt, canvases = inputs(spec, seed=0, prompt_len=3 * spec.sliding_window + 5)  # longer than the window
     ref, sc_inputs, ref_past = run_flow(reference(ckpts["f32"], "f32"), prompt, canvases)
-    ctx = pydgemma.Model(ggufs["f32"]).context(n_ctx=256)
+    ctx = pydgemma.Model(ggufs["f32"]).context(n_ctx=256, kv_type="f32")
     ours, _, our_past = run_flow(ctx, prompt, canvases, sc_inputs)
     assert our_past == ref_past == len(prompt) + 3 * spec.canvas_length
     for step, (o, r) in enumerate(zip(ours, ref)):
@@ -112,7 +112,7 @@ def test_half_precision_weights(setup, weights: str) -> None:
     spec, ckpts, ggufs = setup
     prompt, canvases = inputs(spec, seed=0, prompt_len=3 * spec.sliding_window + 5)
     ref, sc_inputs, _ = run_flow(reference(ckpts[weights], weights), prompt, canvases)
-    ctx = pydgemma.Model(ggufs[weights]).context(n_ctx=256)
+    ctx = pydgemma.Model(ggufs[weights]).context(n_ctx=256, kv_type="f32")
     ours, _, _ = run_flow(ctx, prompt, canvases, sc_inputs)
     for step, (o, r) in enumerate(zip(ours, ref)):
         per_token = np.linalg.norm(o.astype(np.float64) - r, axis=1) / np.linalg.norm(r, axis=1)
@@ -129,12 +129,12 @@ def test_short_prompt_and_chunked_prefill(setup) -> None:
     ref.prefill(prompt)
     expected = ref.denoise(canvases[0])
     model = pydgemma.Model(ggufs["f32"])
-    ctx = model.context(n_ctx=64)
+    ctx = model.context(n_ctx=64, kv_type="f32")
     ctx.prefill(prompt)
     assert rel_l2(ctx.denoise(canvases[0]), expected) <= 1e-4
     # a prompt prefilled in chunks of 5 gives the same cache as one pass
     long_prompt, _ = inputs(spec, seed=2, prompt_len=37)
-    whole, chunked = model.context(n_ctx=64), model.context(n_ctx=64, n_batch=5)
+    whole, chunked = model.context(n_ctx=64, kv_type="f32"), model.context(n_ctx=64, n_batch=5, kv_type="f32")
     whole.prefill(long_prompt)
     chunked.prefill(long_prompt)
     assert chunked.n_past == whole.n_past == 37
@@ -144,7 +144,7 @@ def test_short_prompt_and_chunked_prefill(setup) -> None:
 def test_reset_and_n_past(setup) -> None:
     spec, _, ggufs = setup
     prompt, canvases = inputs(spec, seed=3, prompt_len=10)
-    ctx = pydgemma.Model(ggufs["f32"]).context(n_ctx=64)
+    ctx = pydgemma.Model(ggufs["f32"]).context(n_ctx=64, kv_type="f32")
     ctx.prefill(prompt)
     first = ctx.denoise(canvases[0])
     ctx.commit(canvases[0])

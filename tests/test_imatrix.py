@@ -30,7 +30,7 @@ def test_prefill_sums_equal_transformers_activations(hf_tiny: Path, converted: d
 
     model = pydgemma.Model(converted["f32"])
     ids = model.tokenize("The quick brown fox jumps over the lazy dog, again and again.")
-    ctx = model.context(n_ctx=128)
+    ctx = model.context(n_ctx=128, kv_type="f32")
     ctx.imatrix_start()
     ctx.prefill(ids)
     got = ctx.imatrix()

@@ -422,15 +422,21 @@ def test_fuzzer_findings_are_refused(path: Path) -> None:
 
 
 def test_a_context_that_cannot_fit_is_refused_up_front(tmp_path: Path) -> None:
-    """KV cache of the real 26B shapes at 262,144 tokens, by hand: 25 sliding layers x K,V x f32 x
-    256 dims x 8 heads + 5 full layers x K,V x f32 x 512 dims x 2 heads, per token = 110 GiB; the
-    transposed embedding 262,144 x 2,816 x f16 = 1.4 GiB; the processed logits kept on the device between
-    steps (the sampler state: the previous and the next step's), 2 x 256 x 262,144 x 4 B = 0.5 GiB."""
+    """The real 26B shapes at 262,144 tokens, by hand: the F16 KV cache is 5 full layers x K,V x 2 B x
+    512 dims x 2 heads x 262,144 positions = 5 GiB plus 25 sliding layers' rings of 1,536 slots (the
+    window's 1,023 and a 512-token batch, rounded up to 256) x K,V x 2 B x 256 dims x 8 heads = 0.29 GiB;
+    the Q8_0 self-conditioning table 262,144 x 2,816 x 34/32 B = 0.73 GiB; the processed logits kept
+    between steps, 256 x 262,144 x 4 B = 0.25 GiB. This F16 file's 47 GiB of weights alone do not
+    fit this machine."""
     path = tiny_gguf.write_gguf(tmp_path / "real.gguf", tiny_gguf.REAL_26B, header_only=True)
     model = pydgemma.Model(path, device="cpu")
     with pytest.raises(pydgemma.PydgemmaError) as info:
         model.context(n_ctx=262144)
     message = str(info.value)
     assert info.value.status == "DG_ERR_OUT_OF_MEMORY"
-    assert re.match(r"n_ctx = 262144 needs [\d.]+ GiB on CPU \(weights 0\.0 GiB, KV cache 110\.0 GiB, compute ~[\d.]+ GiB, "
-                    r"self-conditioning 1\.4 GiB, sampler state 0\.5 GiB\), [\d.]+ GiB free: use a smaller n_ctx$", message), message
+    assert re.match(r"n_ctx = 262144 does not fit on CPU: [\d.]+ GiB needed \(weights 0\.00 GiB copied \+ 47\.\d\d GiB "
+                    r"mapped, KV cache 5\.29 GiB, self-conditioning table 0\.73 GiB, step state 0\.25 GiB, compute "
+                    r"~[\d.]+ GiB\), [\d.]+ GiB free: the weights alone do not fit: use a smaller quantization or another "
+                    r"device$", message), message
+    plan = model.plan_memory(262144)
+    assert plan["kv"] == 5 * 2 * 2 * 512 * 2 * 262144 + 25 * 1536 * 2 * 2 * 256 * 8 and not plan["fits"]

@@ -32,9 +32,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"f32": f32, "q4_k_m": work / "q4_k_m.gguf"}
 
 
-def _logits(path: Path, repack: bool) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    ctx = pydgemma.Model(path, repack=repack).context(n_ctx=64)
+def _logits(path: Path, repack: bool, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    ctx = pydgemma.Model(path, repack=repack).context(n_ctx=64, kv_type="f32")  # no F16 rounding of the differences
     ctx.prefill(rng.integers(3, 512, 20))
     canvas = rng.integers(3, 512, 32)
     first = ctx.denoise(canvas)
@@ -66,11 +66,17 @@ def test_repacked_weights_are_as_close_to_f32_as_plain_ones(models: dict[str, Pa
 @pytest.mark.skipif("AVX512" not in _ggml_cpu_features(),
                     reason="ggml's AVX2 repacked Q4_K kernels compute differently from its plain ones (not only in "
                            "summation order); the test above covers them")
-def test_avx512_repacked_kernels_differ_in_summation_order_only(models: dict[str, Path]) -> None:
-    plain, repacked = _logits(models["q4_k_m"], False), _logits(models["q4_k_m"], True)
-    # Per token: only the summation order differs (~2e-7), except where that flips a near-tied
-    # expert choice for a token (seen on 3 of 64 here, ~1e-3), as with any change of kernel.
-    per_token = _per_token(repacked, plain)
-    assert np.median(per_token) < 1e-6
-    assert (per_token < 1e-5).mean() >= 0.9 and per_token.max() < 1e-2
-    assert not np.array_equal(repacked, plain)
+def test_avx512_repacked_kernels_move_logits_far_less_than_the_quantization(models: dict[str, Path]) -> None:
+    """The repacked AVX-512 Q4_K kernels sum in another order than the plain ones. Each product's
+    activations are then rounded to Q8_K for the next, so ulp differences flip roundings and cascade
+    through this random model: per token ~1.5e-2 on most prompts (measured on 8 prompts, before and
+    after the in-place KV cache; one prompt happened to stay at 2e-7). What holds on every prompt:
+    repacking moves the logits by less than a tenth of what the quantization itself does (~0.3)."""
+    exact = _logits(models["f32"], False)
+    for seed in (0, 1, 2):
+        plain, repacked = _logits(models["q4_k_m"], False, seed), _logits(models["q4_k_m"], True, seed)
+        quantization = np.median(_per_token(plain, _logits(models["f32"], False, seed)))
+        assert 0.05 < quantization < 1.0
+        assert np.median(_per_token(repacked, plain)) < 0.1 * quantization, seed
+        assert not np.array_equal(repacked, plain)
+    assert exact.shape == plain.shape

@@ -30,7 +30,9 @@ def setup(converted: dict[str, Path]):
 
 
 def _denoise(model, prompt, canvas, sc, k: int) -> np.ndarray:
-    ctx = model.context(n_ctx=64, sc_top_k=k)
+    # F32 KV entries: the paths' float32 differences are not rounded to F16 in between (the table of
+    # this F32 model is F32: the embedding itself, as the top-k path reads it)
+    ctx = model.context(n_ctx=64, sc_top_k=k, kv_type="f32")
     ctx.prefill(prompt)
     return ctx.denoise(canvas, sc)
 

@@ -210,6 +210,33 @@ typedef enum dg_cpu_kernel {
                                          list of names: q8_0_matmul, self_cond_mix, activations, sampler) */
 } dg_cpu_kernel;
 
+/* The type of the KV cache's entries. F16 (the default) halves F32's memory; Q8_0 (about 8.5 bits)
+ * needs flash attention (DG_FLASH_ATTN_AUTO picks it). Measured against F32: README, "Memory". */
+typedef enum dg_kv_type {
+    DG_KV_F16  = 0,
+    DG_KV_F32  = 1,
+    DG_KV_Q8_0 = 2
+} dg_kv_type;
+
+/* Attention through ggml_flash_attn_ext (no score matrix, no transposed V) or through two matmuls
+ * and a softmax. AUTO: matmuls on the CPU (float32 accumulation and ggml's tiled matmul), flash
+ * attention on other devices that run it, and wherever the cache is Q8_0. */
+typedef enum dg_flash_attn {
+    DG_FLASH_ATTN_AUTO = 0,
+    DG_FLASH_ATTN_ON   = 1,
+    DG_FLASH_ATTN_OFF  = 2
+} dg_flash_attn;
+
+/* The self-conditioning table (the embedding transposed, one per model and type, shared by its
+ * contexts; unused with sc_top_k > 0). AUTO: F32 when the embedding is F32 (exact), else Q8_0 (0.78 GB
+ * for the 26B vocabulary, against 1.5 GB in F16; its drift is in README, "Memory"). */
+typedef enum dg_sc_table {
+    DG_SC_TABLE_AUTO = 0,
+    DG_SC_TABLE_F32  = 1,
+    DG_SC_TABLE_F16  = 2,
+    DG_SC_TABLE_Q8_0 = 3
+} dg_sc_table;
+
 typedef struct dg_context_params {
     uint32_t n_ctx;     /* tokens the cache holds: prompt + committed canvases; 0 = min(4096, context_length) */
     uint32_t n_batch;   /* tokens per encoder pass when prefilling; 0 = 512                                  */
@@ -218,6 +245,9 @@ typedef struct dg_context_params {
                            each canvas row's k most likely tokens only, renormalised (faster, no transposed
                            embedding copy; it changes the model's output, see README)                         */
     uint32_t cpu_kernels; /* DG_CPU_KERNEL_* bits allowed, or DG_CPU_KERNELS_DEFAULT (the default)                */
+    uint32_t kv_type;     /* a dg_kv_type; DG_KV_F16 (0) by default                                           */
+    uint32_t flash_attn;  /* a dg_flash_attn; DG_FLASH_ATTN_AUTO (0) by default                               */
+    uint32_t sc_table;    /* a dg_sc_table; DG_SC_TABLE_AUTO (0) by default                                   */
 } dg_context_params;
 
 DG_API dg_context_params dg_context_default_params(void);
@@ -251,8 +281,10 @@ DG_API const char * dg_context_kernels(const dg_context * ctx);
  * cumulative probability reaches uniforms[i], which must lie in (0, 1); see dg_sampler_uniforms).
  * The processed logits stay on the device: with self_cond the pass reads those of the previous
  * dg_context_step (same n_canvas, and no prefill, commit, truncate or reset since), as dg_denoise
- * reads sc_logits. Only O(n_canvas) values cross: the canvas, n_canvas uniforms and the temperature
- * in; argmax_out, draws_out and entropy_out ([n_canvas] each) out. */
+ * reads sc_logits. No vocabulary-sized data crosses: the canvas, its positions, n_canvas uniforms,
+ * the temperature and the KV cache's slots and mask rows (one float per slot of the full layers'
+ * view and of the sliding ring; with matmul attention also V's places, 4 bytes per canvas value) in;
+ * argmax_out, draws_out and entropy_out ([n_canvas] each) out. */
 DG_API dg_status dg_context_step(dg_context * ctx, const int32_t * canvas, size_t n_canvas, float temperature,
                                  const float * uniforms, bool self_cond, int32_t * argmax_out, int32_t * draws_out,
                                  float * entropy_out);
@@ -273,6 +305,41 @@ typedef struct dg_step_stats {
 } dg_step_stats;
 
 DG_API dg_status dg_context_step_stats(const dg_context * ctx, dg_step_stats * out);
+
+/* What a context holds: its KV cache (the sliding layers' ring and the full layers' slots), the
+ * attention path, and the memory it has allocated so far on its device. */
+typedef struct dg_context_info {
+    uint32_t kv_type;          /* dg_kv_type                                                        */
+    bool     flash_attn;       /* the graphs use ggml_flash_attn_ext                                 */
+    uint32_t kv_slots_full;    /* positions a full-attention layer holds (n_ctx, padded)             */
+    uint32_t kv_slots_swa;     /* positions a sliding layer holds (its ring)                         */
+    uint64_t kv_bytes;         /* K and V of every layer                                             */
+    uint64_t compute_bytes;    /* the scheduler's compute buffers, every backend                     */
+    uint64_t self_cond_bytes;  /* the step loop's self-conditioning state (the table is the model's) */
+    uint64_t sc_table_bytes;   /* the model's self-conditioning tables built so far (shared)         */
+    uint64_t graphs_built;     /* forward graphs built since creation (reused while the shape holds) */
+} dg_context_info;
+
+DG_API dg_status dg_context_get_info(const dg_context * ctx, dg_context_info * out);
+
+/* What a context with `params` would take on the model's device, before anything is allocated
+ * (dg_context_new refuses with this breakdown when it does not fit). Bytes. */
+typedef struct dg_memory_plan {
+    uint64_t weights_copied;   /* weights in the device's own memory: uploaded, or (CPU) repacked  */
+    uint64_t weights_mapped;   /* weights read in place from the file mapping (file-backed pages)  */
+    uint64_t kv;               /* the KV cache (dg_context_info.kv_bytes)                            */
+    uint64_t self_cond_table;  /* the model's table, when this context would build it (else 0)       */
+    uint64_t self_cond_state;  /* the step loop's processed logits of one canvas                     */
+    uint64_t compute;          /* the largest graph's activations and the CPU's work buffer (estimate) */
+    uint64_t total;            /* all of the above (what the device must hold: off the CPU, less weights_mapped) */
+    uint64_t device_free;      /* as the device reports it (0: unknown)                                */
+    uint64_t device_total;
+    bool     fits;             /* what the device must hold <= device_free (true when unknown)         */
+    bool     flash_attn;       /* the attention path the context would take                            */
+    uint32_t n_ctx;            /* resolved (0 in params: min(4096, context length))                    */
+} dg_memory_plan;
+
+DG_API dg_status dg_plan_memory(const dg_model * model, const dg_context_params * params, dg_memory_plan * out);
 
 /* Importance matrix ("imatrix"): while collecting, every later dg_prefill/dg_denoise/dg_commit (and
  * so dg_generate) adds, for each weight matrix W used as a matrix product W x, the per-input-channel

@@ -3,6 +3,7 @@
 #include "dgemma.h"
 
 #include "context.h"
+#include "memory_plan.h"
 #include "devices.h"
 #include "error.h"
 #include "generate.h"
@@ -253,6 +254,9 @@ dg_context_params dg_context_default_params(void) {
     p.n_threads = 0;
     p.sc_top_k  = 0;
     p.cpu_kernels = DG_CPU_KERNELS_DEFAULT;
+    p.kv_type     = DG_KV_F16;
+    p.flash_attn  = DG_FLASH_ATTN_AUTO;
+    p.sc_table    = DG_SC_TABLE_AUTO;
     return p;
 }
 
@@ -330,6 +334,24 @@ dg_status dg_context_truncate(dg_context * ctx, uint32_t n_past) {
         return invalid("dg_context_truncate: ctx is NULL");
     }
     return guarded([&] { ctx->impl->truncate(n_past); });
+}
+
+dg_status dg_plan_memory(const dg_model * model, const dg_context_params * params, dg_memory_plan * out) {
+    if (model == nullptr || out == nullptr) {
+        return invalid("dg_plan_memory: NULL argument");
+    }
+    dg_context_params p = params != nullptr ? *params : dg_context_default_params();
+    if (p.n_ctx == 0) {
+        p.n_ctx = std::min<uint32_t>(4096, model->impl->hparams().n_ctx_train);
+    }
+    return guarded([&] { *out = dg::plan_context_memory(*model->impl, p); });
+}
+
+dg_status dg_context_get_info(const dg_context * ctx, dg_context_info * out) {
+    if (ctx == nullptr || out == nullptr) {
+        return invalid("dg_context_get_info: NULL argument");
+    }
+    return guarded([&] { *out = ctx->impl->info(); });
 }
 
 uint32_t dg_context_n_past(const dg_context * ctx) { return ctx != nullptr ? ctx->impl->n_past() : 0; }

@@ -4,6 +4,7 @@
 #include "graph.h"
 #include "gguf_model.h"
 #include "imatrix.h"
+#include "memory_plan.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -20,8 +21,6 @@
 namespace dg {
 
 namespace {
-
-constexpr uint32_t transpose_slice = 16384;  // embedding rows dequantized and transposed per CPU graph
 
 size_t graph_size_for(const dg_hparams & hp) { return std::max<size_t>(4096, static_cast<size_t>(hp.n_layer) * 160 + 256); }
 
@@ -56,48 +55,6 @@ struct GraphScope {
     ~GraphScope() { ggml_free(ctx); }
 };
 
-struct MemoryPlan {
-    uint64_t weights = 0;    // copied to the device (0 when the device reads the mapping)
-    uint64_t kv = 0;
-    uint64_t compute = 0;    // the largest pass's activations (an estimate)
-    uint64_t self_cond = 0;  // the transposed embedding
-    uint64_t sc_state = 0;   // processed logits kept on the device between steps (two canvases)
-    uint64_t total() const { return weights + kv + compute + self_cond + sc_state; }
-};
-
-MemoryPlan plan_memory(const GgufModel & model, uint32_t n_ctx, uint32_t n_batch, uint32_t sc_top_k) {
-    const dg_hparams & hp = model.hparams();
-    MemoryPlan m;
-    uint32_t max_hd = 0;
-    for (const LayerLayout & l : model.layers()) {
-        m.kv += 2ull * 4 * l.head_dim * l.n_head_kv * n_ctx;
-        max_hd = std::max(max_hd, l.head_dim);
-    }
-    ggml_backend_dev_props props{};
-    ggml_backend_dev_get_props(model.device(), &props);
-    if (!props.caps.buffer_from_host_ptr) {
-        for (const TensorRecord & t : model.tensors()) {
-            m.weights += t.n_bytes;
-        }
-    }
-    const uint64_t C     = hp.canvas_length;
-    const uint64_t wide  = std::max<uint64_t>({hp.n_ff, 2ull * hp.n_ff_exp * hp.n_expert_used, uint64_t(hp.n_head) * max_hd});
-    auto pass = [&](uint64_t n, bool decode) {
-        const uint64_t scores = uint64_t(hp.n_head) * n * (n_ctx + (decode ? n : 0));  // attention weights
-        const uint64_t acts   = n * (8ull * hp.n_embd + 4 * wide);
-        const uint64_t vocab  = decode ? n * 6ull * hp.n_vocab : 0;                      // logits, SC probs, sampler
-        return 4 * (scores + acts + vocab);
-    };
-    m.compute = std::max(pass(C, true), pass(std::min<uint64_t>(n_batch, n_ctx), false));
-    if (hp.has_self_conditioning && sc_top_k == 0) {
-        m.self_cond = uint64_t(hp.n_vocab) * hp.n_embd * (model.weights().token_embd->type == GGML_TYPE_F32 ? 4 : 2);
-    }
-    if (hp.has_self_conditioning) {
-        m.sc_state = 2 * 4 * C * hp.n_vocab;  // sc_prev and sc_next
-    }
-    return m;
-}
-
 std::string gib(uint64_t bytes) { return format("%.1f GiB", static_cast<double>(bytes) / (1ull << 30)); }
 
 }  // namespace
@@ -124,17 +81,26 @@ Context::Context(const GgufModel & model, const dg_context_params & params) : mo
         fail(DG_ERR_UNSUPPORTED, format("a vocabulary of %u tokens is more than the step loop's float ids hold (2^24)", hp.n_vocab));
     }
 
+    switch (params.kv_type) {
+        case DG_KV_F16: kv_type_ = GGML_TYPE_F16; break;
+        case DG_KV_F32: kv_type_ = GGML_TYPE_F32; break;
+        case DG_KV_Q8_0: kv_type_ = GGML_TYPE_Q8_0; break;
+        default:
+            fail(DG_ERR_INVALID_ARG, format("kv_type = %u is not a KV cache type (F16 = 0, F32 = 1, Q8_0 = 2)", params.kv_type));
+    }
+    if (params.flash_attn > DG_FLASH_ATTN_OFF) {
+        fail(DG_ERR_INVALID_ARG, format("flash_attn = %u is not auto (0), on (1) or off (2)", params.flash_attn));
+    }
+    if (kv_type_ == GGML_TYPE_Q8_0 && params.flash_attn == DG_FLASH_ATTN_OFF) {
+        fail(DG_ERR_INVALID_ARG, "a Q8_0 KV cache needs flash attention (flash_attn auto or on)");
+    }
+    flash_attn_mode_ = params.flash_attn;
+    sc_table_type_   = model.self_cond_table_type(params.sc_table);
     // Refuse up front, with the numbers, rather than failing in the middle of a generation.
-    const MemoryPlan need = plan_memory(model, params.n_ctx, n_batch_, sc_top_k_);
-    size_t free = 0, total = 0;
-    ggml_backend_dev_memory(model.device(), &free, &total);
-    if (free > 0 && need.total() > free) {
-        fail(DG_ERR_OUT_OF_MEMORY,
-             format("n_ctx = %u needs %s on %s (weights %s, KV cache %s, compute ~%s, self-conditioning %s, sampler state %s), "
-                    "%s free: use a smaller n_ctx",
-                    params.n_ctx, gib(need.total()).c_str(), model.device_name().c_str(), gib(need.weights).c_str(),
-                    gib(need.kv).c_str(), gib(need.compute).c_str(), gib(need.self_cond).c_str(), gib(need.sc_state).c_str(),
-                    gib(free).c_str()));
+    const dg_memory_plan need = plan_context_memory(model, params);
+    if (!need.fits) {
+        fail(DG_ERR_OUT_OF_MEMORY, format("n_ctx = %u does not fit on %s: %s", params.n_ctx, model.device_name().c_str(),
+                                          describe_plan(need, ggml_backend_dev_type(model.device()) == GGML_BACKEND_DEVICE_TYPE_CPU).c_str()));
     }
 
     model.bind_weights();
@@ -167,7 +133,10 @@ void Context::init_backends(const GgufModel & model, const dg_context_params & p
         set_threads(b, n_threads_);
     }
 
-    cache_.init(model, params.n_ctx, ggml_backend_get_default_buffer_type(backend_));
+    cache_n_ctx_ = params.n_ctx;
+    flash_attn_  = decide_flash_attn();
+    cache_.init(model, kv_layout(model, params.n_ctx, n_batch_, std::max<uint32_t>(hp.canvas_length, 1), kv_type_, !flash_attn_),
+                ggml_backend_get_default_buffer_type(backend_));
 
     const size_t graph_size = graph_size_for(hp);
     graph_mem_.resize(ggml_tensor_overhead() * graph_size + ggml_graph_overhead_custom(graph_size, false));
@@ -197,7 +166,7 @@ void Context::reserve_device_buffers() {
     const uint32_t     canvas = std::min(std::max<uint32_t>(hp.canvas_length, 1), n_ctx);
     if (hp.has_self_conditioning) {
         if (sc_top_k_ == 0) {
-            allocate_transposed_embedding();  // a leaf of the self-conditioned graphs; filled on first use
+            ensure_transposed_embedding();  // a leaf of the self-conditioned graphs
         }
         ensure_sc_state(canvas);
     }
@@ -208,15 +177,17 @@ void Context::reserve_device_buffers() {
     };
     std::vector<ForwardShape> shapes;
     ForwardShape encode;  // a full batch at the end of the context
-    encode.pass     = Pass::ENCODE;
-    encode.n_tokens = std::min(n_batch_, n_ctx);
-    encode.n_past   = n_ctx - encode.n_tokens;
+    encode.pass       = Pass::ENCODE;
+    encode.n_tokens   = std::min(n_batch_, n_ctx);
+    encode.n_kv_full  = kv_view_full(cache_.layout(), n_ctx);
+    encode.flash_attn = flash_attn_;
     shapes.push_back(encode);
     ForwardShape decode;  // a canvas at the end of the context: denoise, then the step graphs
-    decode.pass     = Pass::DECODE;
-    decode.n_tokens = canvas;
-    decode.n_past   = n_ctx - canvas;
-    decode.sc_top_k = sc_top_k_;
+    decode.pass       = Pass::DECODE;
+    decode.n_tokens   = canvas;
+    decode.n_kv_full  = kv_view_full(cache_.layout(), n_ctx);
+    decode.flash_attn = flash_attn_;
+    decode.sc_top_k   = sc_top_k_;
     shapes.push_back(decode);
     decode.sample = true;
     shapes.push_back(decode);
@@ -230,7 +201,7 @@ void Context::reserve_device_buffers() {
     for (const ForwardShape & shape : shapes) {
         GraphScope    scope(graph_mem_);
         ggml_cgraph * gf = ggml_new_graph_custom(scope.ctx, graph_size_for(hp), false);
-        build_forward(scope.ctx, gf, model_, cache_, shape, policy_, embd_t_.get(), sc_prev_.get(), sc_next_.get());
+        build_forward(scope.ctx, gf, model_, cache_, shape, policy_, embd_t_, sc_state_.get());
         reserve(gf);
     }
     GraphScope    scope(scratch_mem_);
@@ -247,10 +218,8 @@ void Context::release() {
         ggml_backend_sched_free(sched_);
         sched_ = nullptr;
     }
-    embd_t_.reset();
-    embd_t_filled_ = false;
-    sc_next_.reset();
-    sc_prev_.reset();
+    embd_t_ = nullptr;
+    sc_state_.reset();
     sc_state_valid_ = false;
     for (ggml_backend_buffer_t b : retired_buffers_) {
         ggml_backend_buffer_free(b);
@@ -279,19 +248,28 @@ void Context::check_tokens(const int32_t * tokens, uint32_t n, const char * what
     if (static_cast<uint64_t>(n_past_) + n > cache_.n_ctx()) {
         fail(DG_ERR_INVALID_ARG, format("%s: %u tokens do not fit: %u of n_ctx = %u are used", what, n, n_past_, cache_.n_ctx()));
     }
+    const KvLayout & kv = cache_.layout();
+    if (kv.ring && n > kv.slots_swa - kv.keep_swa && std::strcmp(what, "prefill") != 0) {  // prefill goes in batches
+        fail(DG_ERR_INVALID_ARG, format("%s: %u tokens in one pass are more than the sliding layers' cache holds beside their "
+                                        "window (%u: the larger of n_batch and the canvas length)", what, n,
+                                        kv.slots_swa - kv.keep_swa));
+    }
 }
 
 void Context::truncate(uint32_t n_past) {
     if (n_past > n_past_) {
         fail(DG_ERR_INVALID_ARG, format("truncate: %u is more than the %u cached tokens", n_past, n_past_));
     }
-    n_past_         = n_past;  // the entries past it are overwritten by the next prefill
+    // The entries past it are overwritten by the next prefill. A sliding layer's ring may no longer
+    // hold the window of n_past (later passes reused those slots): then fewer tokens are kept.
+    n_past_         = cache_.usable_prefix(n_past);
     sc_state_valid_ = false;
 }
 
 void Context::reset() {
     n_past_         = 0;
     sc_state_valid_ = false;
+    cache_.forget();
 }
 
 void Context::prefill(const int32_t * tokens, uint32_t n) {
@@ -301,7 +279,6 @@ void Context::prefill(const int32_t * tokens, uint32_t n) {
         ForwardShape shape;
         shape.pass     = Pass::ENCODE;
         shape.n_tokens = std::min(n_batch_, n - done);
-        shape.n_past   = n_past_;
         prepare(shape, tokens + done);
         compute();
         n_past_ += shape.n_tokens;
@@ -325,7 +302,6 @@ void Context::denoise(const int32_t * canvas, uint32_t n, const float * sc_logit
     ForwardShape shape;
     shape.pass      = Pass::DECODE;
     shape.n_tokens  = n;
-    shape.n_past    = n_past_;
     shape.self_cond = sc_logits != nullptr ? SelfCond::HOST : SelfCond::NONE;
     shape.sc_top_k  = sc_top_k_;
     const ForwardTensors & io = prepare(shape, canvas);
@@ -346,7 +322,7 @@ void Context::step(const int32_t * canvas, uint32_t n, float temperature, const 
         if (!hp.has_self_conditioning) {
             fail(DG_ERR_UNSUPPORTED, "step: this model has no self-conditioning tensors");
         }
-        if (!sc_state_valid_ || sc_next_.get()->ne[1] != n) {
+        if (!sc_state_valid_ || sc_state_.get()->ne[1] != n) {
             fail(DG_ERR_INVALID_ARG, "step: self_cond needs a previous step on this canvas (same length, no prefill, "
                                      "commit or reset since)");
         }
@@ -360,13 +336,9 @@ void Context::step(const int32_t * canvas, uint32_t n, float temperature, const 
     ForwardShape shape;
     shape.pass      = Pass::DECODE;
     shape.n_tokens  = n;
-    shape.n_past    = n_past_;
     shape.self_cond = self_cond ? SelfCond::DEVICE : SelfCond::NONE;
     shape.sc_top_k  = sc_top_k_;
     shape.sample    = true;
-    if (self_cond) {
-        ggml_backend_tensor_copy(sc_next_.get(), sc_prev_.get());  // on the device
-    }
     const ForwardTensors & io = prepare(shape, canvas);
     set_input(io.temperature, &temperature, sizeof(float), true);
     set_input(io.uniforms, uniforms, sizeof(float) * n, true);
@@ -476,15 +448,17 @@ void Context::set_input(ggml_tensor * t, const void * data, size_t size, bool co
 const ForwardTensors & Context::prepare(const ForwardShape & requested, const int32_t * tokens) {
     const dg_hparams & hp = model_.hparams();
     ForwardShape       shape = requested;
-    // Denoising steps of one canvas share a shape: the graph and its allocation are built once and
-    // reused; only the inputs change.
+    // Denoising steps of one canvas share a shape, and so do canvases and prompt batches whose
+    // padded prefix agrees: the graph and its allocation are built once and reused; only the
+    // inputs change.
     shape.ggml_matmuls_only = collecting_imatrix_;
+    shape.flash_attn        = flash_attn_;
+    shape.n_kv_full         = kv_view_full(cache_.layout(), n_past_ + shape.n_tokens);
     if (!have_graph_ || shape != graph_shape_) {
         drop_graph();
         graph_ctx_ = graph_context(graph_mem_);
         graph_     = ggml_new_graph_custom(graph_ctx_, graph_size_for(hp), false);
-        graph_io_  = build_forward(graph_ctx_, graph_, model_, cache_, shape, policy_, embd_t_.get(), sc_prev_.get(),
-                                   sc_next_.get());
+        graph_io_  = build_forward(graph_ctx_, graph_, model_, cache_, shape, policy_, embd_t_, sc_state_.get());
         ggml_backend_sched_reset(sched_);
         if (!ggml_backend_sched_alloc_graph(sched_, graph_)) {
             drop_graph();
@@ -492,6 +466,7 @@ const ForwardTensors & Context::prepare(const ForwardShape & requested, const in
         }
         graph_shape_ = shape;
         have_graph_  = true;
+        ++graphs_built_;
     }
     const ForwardTensors & io = graph_io_;
     const bool             count = shape.sample;  // the step loop's traffic is what bench reports
@@ -499,31 +474,78 @@ const ForwardTensors & Context::prepare(const ForwardShape & requested, const in
     set_input(io.tokens, tokens, sizeof(int32_t) * n, count);
     std::vector<int32_t> pos(n);
     for (uint32_t i = 0; i < n; ++i) {
-        pos[i] = static_cast<int32_t>(shape.n_past + i);
+        pos[i] = static_cast<int32_t>(n_past_ + i);
     }
     set_input(io.positions, pos.data(), sizeof(int32_t) * n, count);
+    set_kv_inputs(shape, io, count);
+    return io;
+}
 
-    if (shape.pass == Pass::ENCODE) {
-        // causal over [0, n_past + n); sliding layers also within the window: q - k < sliding_window
-        const float ninf = -std::numeric_limits<float>::infinity();
-        const uint32_t n_full = shape.n_past + n;
-        const uint32_t start  = io.kv_start_swa;
-        const uint32_t n_swa  = n_full - start;
-        std::vector<float> mask_full(static_cast<size_t>(n_full) * n, ninf);
-        std::vector<float> mask_swa(static_cast<size_t>(n_swa) * n, ninf);
+// Where the pass writes its K/V, and which slots each query reads: causal (and within the window
+// on sliding layers) for the encoder; for a canvas, the prefix (its last sliding_window - 1
+// positions on sliding layers) and the whole canvas.
+void Context::set_kv_inputs(const ForwardShape & shape, const ForwardTensors & io, bool count) {
+    const KvLayout & kv = cache_.layout();
+    const uint32_t   n  = shape.n_tokens;
+    const uint32_t   n_kv[2] = {shape.n_kv_full, kv.slots_swa};
+    cache_.record(n_past_, n);
+    std::vector<int32_t> slots(n);
+    std::vector<int32_t> v_slots;
+    for (int g = 0; g < 2; ++g) {
         for (uint32_t i = 0; i < n; ++i) {
-            const uint32_t qpos = shape.n_past + i;
-            for (uint32_t kpos = 0; kpos <= qpos; ++kpos) {
-                mask_full[static_cast<size_t>(i) * n_full + kpos] = 0.0f;
-                if (kpos >= start && qpos - kpos < hp.sliding_window) {
-                    mask_swa[static_cast<size_t>(i) * n_swa + (kpos - start)] = 0.0f;
+            slots[i] = static_cast<int32_t>(cache_.slot(g == 1, n_past_ + i));
+        }
+        set_input(io.slots[g], slots.data(), sizeof(int32_t) * n, count);
+        if (io.v_slots[g] != nullptr && io.v_slots[g]->buffer != nullptr) {
+            // transposed V: value f of token i goes to f * slots + slot(i)
+            const int64_t row = ggml_nelements(io.v_slots[g]) / n;
+            const int64_t S   = g == 1 ? kv.slots_swa : kv.slots_full;
+            v_slots.resize(static_cast<size_t>(row) * n);
+            for (uint32_t i = 0; i < n; ++i) {
+                for (int64_t f = 0; f < row; ++f) {
+                    v_slots[static_cast<size_t>(i) * row + f] = static_cast<int32_t>(f * S + slots[i]);
                 }
             }
+            set_input(io.v_slots[g], v_slots.data(), sizeof(int32_t) * v_slots.size(), count);
         }
-        set_input(io.mask_full, mask_full.data(), sizeof(float) * mask_full.size(), false);
-        set_input(io.mask_swa, mask_swa.data(), sizeof(float) * mask_swa.size(), false);
     }
-    return io;
+    // the position slot s of group g holds (-1: none)
+    auto held = [&](int g, uint32_t s) -> int64_t { return g == 0 ? static_cast<int64_t>(s) : cache_.held_swa(s); };
+    if (shape.pass == Pass::ENCODE) {
+        const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f);
+        const ggml_fp16_t ninf = ggml_fp32_to_fp16(-std::numeric_limits<float>::infinity());
+        for (int g = 0; g < 2; ++g) {
+            if (io.mask[g] == nullptr || io.mask[g]->buffer == nullptr) {
+                continue;
+            }
+            std::vector<ggml_fp16_t> mask(static_cast<size_t>(n_kv[g]) * n, ninf);
+            for (uint32_t i = 0; i < n; ++i) {
+                const int64_t q   = static_cast<int64_t>(n_past_) + i;
+                ggml_fp16_t * out = mask.data() + static_cast<size_t>(i) * n_kv[g];
+                for (uint32_t s = 0; s < n_kv[g]; ++s) {
+                    const int64_t p = held(g, s);
+                    if (p >= 0 && p <= q && (g == 0 || q - p <= kv.keep_swa)) {
+                        out[s] = zero;
+                    }
+                }
+            }
+            set_input(io.mask[g], mask.data(), sizeof(ggml_fp16_t) * mask.size(), false);
+        }
+        return;
+    }
+    const float   ninf  = -std::numeric_limits<float>::infinity();
+    const int64_t start = n_past_, end = static_cast<int64_t>(n_past_) + n;
+    for (int g = 0; g < 2; ++g) {
+        std::vector<float> row(n_kv[g], ninf);
+        for (uint32_t s = 0; s < n_kv[g]; ++s) {
+            const int64_t p = held(g, s);
+            const bool prefix = p >= 0 && p < start && (g == 0 || p + kv.keep_swa >= start);
+            if (prefix || (p >= start && p < end)) {
+                row[s] = 0.0f;
+            }
+        }
+        set_input(io.kv_row[g], row.data(), sizeof(float) * row.size(), count);
+    }
 }
 
 void Context::compute() {
@@ -548,26 +570,24 @@ void Context::check_backend_support() const {
     const dg_hparams & hp = model_.hparams();
     std::vector<uint8_t> mem(ggml_tensor_overhead() * (graph_size_for(hp) + 8) + ggml_graph_overhead_custom(graph_size_for(hp), false));
     GraphScope           scope(mem);
-    ggml_tensor *        embd_t = ggml_new_tensor_2d(scope.ctx, model_.weights().token_embd->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16,
-                                                     hp.n_vocab, hp.n_embd);
+    ggml_tensor *        embd_t = ggml_new_tensor_2d(scope.ctx, static_cast<ggml_type>(sc_table_type_), hp.n_vocab, hp.n_embd);
     ggml_tensor *        state  = ggml_new_tensor_2d(scope.ctx, GGML_TYPE_F32, hp.n_vocab, hp.canvas_length);
-    ggml_tensor *        state_next = ggml_new_tensor_2d(scope.ctx, GGML_TYPE_F32, hp.n_vocab, hp.canvas_length);
-    const uint32_t       n_past = std::min<uint32_t>(1, cache_.n_ctx() - 1);
     ForwardShape decode;
-    decode.pass      = Pass::DECODE;
-    decode.n_tokens  = hp.canvas_length;
-    decode.n_past    = n_past;
-    decode.self_cond = hp.has_self_conditioning ? SelfCond::DEVICE : SelfCond::NONE;
-    decode.sc_top_k  = sc_top_k_;
-    decode.sample    = true;
+    decode.pass       = Pass::DECODE;
+    decode.n_tokens   = hp.canvas_length;
+    decode.n_kv_full  = kv_view_full(cache_.layout(), hp.canvas_length + 1);
+    decode.flash_attn = flash_attn_;
+    decode.self_cond  = hp.has_self_conditioning ? SelfCond::DEVICE : SelfCond::NONE;
+    decode.sc_top_k   = sc_top_k_;
+    decode.sample     = true;
     ForwardShape encode;
-    encode.pass     = Pass::ENCODE;
-    encode.n_tokens = std::min<uint32_t>(2, cache_.n_ctx() - n_past);
-    encode.n_past   = n_past;
+    encode.pass       = Pass::ENCODE;
+    encode.n_tokens   = std::min<uint32_t>(2, cache_.n_ctx());
+    encode.n_kv_full  = kv_view_full(cache_.layout(), 3);
+    encode.flash_attn = flash_attn_;
     for (const ForwardShape & shape : {decode, encode}) {
         ggml_cgraph * gf = ggml_new_graph_custom(scope.ctx, graph_size_for(hp), false);
-        build_forward(scope.ctx, gf, model_, cache_, shape, policy_, embd_t, hp.has_self_conditioning ? state : nullptr,
-                      hp.has_self_conditioning ? state_next : nullptr);
+        build_forward(scope.ctx, gf, model_, cache_, shape, policy_, embd_t, hp.has_self_conditioning ? state : nullptr);
         for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
             ggml_tensor * node = ggml_graph_node(gf, i);
             switch (node->op) {
@@ -587,24 +607,75 @@ void Context::check_backend_support() const {
     }
 }
 
+dg_context_info Context::info() const {
+    dg_context_info out{};
+    const KvLayout & kv = cache_.layout();
+    out.kv_type         = kv.type == GGML_TYPE_F32 ? DG_KV_F32 : kv.type == GGML_TYPE_Q8_0 ? DG_KV_Q8_0 : DG_KV_F16;
+    out.flash_attn      = flash_attn_;
+    out.kv_slots_full   = kv.slots_full;
+    out.kv_slots_swa    = kv.slots_swa;
+    out.kv_bytes        = cache_.n_bytes();
+    for (ggml_backend_t b : {backend_, backend_cpu_}) {
+        if (b != nullptr && (b == backend_ || backend_cpu_ != backend_)) {
+            out.compute_bytes += ggml_backend_sched_get_buffer_size(sched_, b);
+        }
+    }
+    for (const DeviceTensor * t : {&sc_state_}) {
+        if (t->get() != nullptr) {
+            out.self_cond_bytes += ggml_row_size(t->get()->type, t->get()->ne[0]) * static_cast<uint64_t>(t->capacity());
+        }
+    }
+    out.graphs_built = graphs_built_;
+    out.sc_table_bytes = model_.self_cond_tables_built_bytes();
+    return out;
+}
+
+// AUTO: flash attention off the CPU where the device runs it for every layer's geometry, on the
+// CPU beyond cpu_matmul_attention_max_ctx (the score matrix grows with the context), and wherever
+// the cache is Q8_0 (which the matmul path cannot read transposed).
+bool Context::decide_flash_attn() const {
+    if (flash_attn_mode_ == DG_FLASH_ATTN_ON || kv_type_ == GGML_TYPE_Q8_0) {
+        return true;
+    }
+    if (flash_attn_mode_ == DG_FLASH_ATTN_OFF) {
+        return false;
+    }
+    if (ggml_backend_dev_type(model_.device()) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+        return cache_n_ctx_ > cpu_matmul_attention_max_ctx;
+    }
+    const dg_hparams & hp = model_.hparams();
+    std::vector<uint8_t> mem(ggml_tensor_overhead() * 8 * model_.layers().size() + 1024);
+    GraphScope scope(mem);
+    const int64_t n = std::max<uint32_t>(hp.canvas_length, 1), T = kv_slot_pad;
+    for (const LayerLayout & L : model_.layers()) {
+        ggml_tensor * q  = ggml_new_tensor_3d(scope.ctx, GGML_TYPE_F32, L.head_dim, n, hp.n_head);
+        ggml_tensor * k  = ggml_new_tensor_3d(scope.ctx, static_cast<ggml_type>(kv_type_), L.head_dim, T, L.n_head_kv);
+        ggml_tensor * v  = ggml_new_tensor_3d(scope.ctx, static_cast<ggml_type>(kv_type_), L.head_dim, T, L.n_head_kv);
+        ggml_tensor * m  = ggml_new_tensor_2d(scope.ctx, GGML_TYPE_F16, T, n);
+        ggml_tensor * fa = ggml_flash_attn_ext(scope.ctx, q, k, v, m, 1.0f, 0.0f, 0.0f);
+        ggml_flash_attn_ext_set_prec(fa, GGML_PREC_F32);
+        if (!ggml_backend_supports_op(backend_, fa)) {
+            return false;
+        }
+    }
+    return true;
+}
+
 // The state holds at least n columns; get() is their first n. Only a longer canvas than any
 // before reallocates (off the CPU the old buffers are kept until release()).
 void Context::ensure_sc_state(uint32_t n) {
-    if (sc_next_.get() != nullptr && sc_next_.get()->ne[1] == n) {
+    if (sc_state_.get() != nullptr && sc_state_.get()->ne[1] == n) {
         return;
     }
     drop_graph();  // graphs refer to the old tensors
     sc_state_valid_ = false;
-    if (sc_next_.capacity() < n) {
+    if (sc_state_.capacity() < n) {
         std::vector<ggml_backend_buffer *> * keep = keep_device_buffers_ ? &retired_buffers_ : nullptr;
-        sc_next_.reset(keep);
-        sc_prev_.reset(keep);
+        sc_state_.reset(keep);
         const char * what = "the self-conditioning state of the step loop";
-        sc_next_.alloc(backend_, GGML_TYPE_F32, model_.hparams().n_vocab, n, "sc_next", what);
-        sc_prev_.alloc(backend_, GGML_TYPE_F32, model_.hparams().n_vocab, n, "sc_prev", what);
+        sc_state_.alloc(backend_, GGML_TYPE_F32, model_.hparams().n_vocab, n, "sc_state", what);
     }
-    sc_next_.use_columns(n);
-    sc_prev_.use_columns(n);
+    sc_state_.use_columns(n);
 }
 
 void DeviceTensor::alloc(ggml_backend * backend, int type, int64_t ne0, int64_t ne1, const char * name, const char * what) {
@@ -690,100 +761,10 @@ void Context::imatrix_clear() {
     }
 }
 
-void Context::allocate_transposed_embedding() {
-    if (embd_t_.get() != nullptr) {
-        return;
-    }
-    const dg_hparams & hp   = model_.hparams();
-    const ggml_type    type = model_.weights().token_embd->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
-    embd_t_.alloc(backend_, type, hp.n_vocab, hp.n_embd, "token_embd_t", "the transposed embedding for self-conditioning");
-    embd_t_filled_ = false;
-}
-
+// The model's table (built by the first context that needs it, then shared).
 void Context::ensure_transposed_embedding() {
-    if (embd_t_filled_) {
-        return;
-    }
-    allocate_transposed_embedding();
-    // A half-filled copy is never taken for a finished one: embd_t_filled_ is set last.
-    if (ggml_backend_dev_type(model_.device()) == GGML_BACKEND_DEVICE_TYPE_CPU) {
-        transpose_embedding_in_graphs(model_.weights().token_embd, embd_t_.get());
-    } else {
-        transpose_embedding_on_host(model_.weights().token_embd, embd_t_.get());
-    }
-    embd_t_filled_ = true;
-}
-
-// The CPU backend: dequantize and transpose in slices of rows with ggml's threads, so the scratch
-// memory stays small.
-void Context::transpose_embedding_in_graphs(ggml_tensor * embd, ggml_tensor * embd_t) {
-    const dg_hparams & hp = model_.hparams();
-    drop_graph();  // the scheduler is about to be reset for other graphs
-    std::vector<int32_t> ids;
-    for (uint32_t v0 = 0; v0 < hp.n_vocab; v0 += transpose_slice) {
-        const uint32_t m = std::min(transpose_slice, hp.n_vocab - v0);
-        GraphScope scope(scratch_mem_);
-        ggml_cgraph * gf = ggml_new_graph_custom(scope.ctx, 64, false);
-        ggml_tensor * rows = ggml_new_tensor_1d(scope.ctx, GGML_TYPE_I32, m);
-        ggml_set_input(rows);
-        ggml_tensor * src = ggml_transpose(scope.ctx, ggml_get_rows(scope.ctx, embd, rows));  // [m, n_embd]
-        ggml_tensor * dst = ggml_view_2d(scope.ctx, embd_t, m, hp.n_embd, embd_t->nb[1], embd_t->nb[0] * v0);
-        ggml_build_forward_expand(gf, ggml_cpy(scope.ctx, src, dst));
-        ggml_backend_sched_reset(sched_);
-        if (!ggml_backend_sched_alloc_graph(sched_, gf)) {
-            fail(DG_ERR_OUT_OF_MEMORY, "cannot allocate the compute buffers");
-        }
-        ids.resize(m);
-        for (uint32_t i = 0; i < m; ++i) {
-            ids[i] = static_cast<int32_t>(v0 + i);
-        }
-        ggml_backend_tensor_set(rows, ids.data(), 0, sizeof(int32_t) * m);
-        if (ggml_backend_sched_graph_compute(sched_, gf) != GGML_STATUS_SUCCESS) {
-            fail(DG_ERR_BACKEND, "the backend failed to transpose the embedding");
-        }
-    }
-}
-
-// Other devices: dequantize slices of rows from the file mapping on the host, transpose them there
-// and upload each embedding dimension's run of the slice.
-void Context::transpose_embedding_on_host(ggml_tensor * embd, ggml_tensor * embd_t) {
-    const dg_hparams &     hp  = model_.hparams();
-    const TensorRecord *   rec = model_.find_tensor("token_embd.weight");
-    const auto *           traits = ggml_get_type_traits(embd->type);
-    if (rec == nullptr || rec->data == nullptr || (embd->type != GGML_TYPE_F32 && traits->to_float == nullptr)) {
-        fail(DG_ERR_UNSUPPORTED, format("cannot dequantize token_embd.weight (%s) on the host", ggml_type_name(embd->type)));
-    }
-    const size_t   row_bytes = ggml_row_size(embd->type, hp.n_embd);
-    const bool     f16_out   = embd_t->type == GGML_TYPE_F16;
-    const uint32_t slice     = 8192;
-    std::vector<float>       row(hp.n_embd);
-    std::vector<float>       out32;
-    std::vector<ggml_fp16_t> out16;
-    for (uint32_t v0 = 0; v0 < hp.n_vocab; v0 += slice) {
-        const uint32_t m = std::min(slice, hp.n_vocab - v0);
-        (f16_out ? out16.resize(static_cast<size_t>(m) * hp.n_embd) : out32.resize(static_cast<size_t>(m) * hp.n_embd));
-        for (uint32_t i = 0; i < m; ++i) {
-            const uint8_t * src = rec->data + static_cast<size_t>(v0 + i) * row_bytes;
-            if (embd->type == GGML_TYPE_F32) {
-                std::memcpy(row.data(), src, sizeof(float) * hp.n_embd);
-            } else {
-                traits->to_float(src, row.data(), hp.n_embd);
-            }
-            for (uint32_t e = 0; e < hp.n_embd; ++e) {
-                const size_t at = static_cast<size_t>(e) * m + i;
-                if (f16_out) {
-                    out16[at] = ggml_fp32_to_fp16(row[e]);
-                } else {
-                    out32[at] = row[e];
-                }
-            }
-        }
-        const size_t elt = f16_out ? sizeof(ggml_fp16_t) : sizeof(float);
-        for (uint32_t e = 0; e < hp.n_embd; ++e) {
-            const void * run = f16_out ? static_cast<const void *>(out16.data() + static_cast<size_t>(e) * m)
-                                       : static_cast<const void *>(out32.data() + static_cast<size_t>(e) * m);
-            ggml_backend_tensor_set(embd_t, run, embd_t->nb[1] * e + elt * v0, elt * m);
-        }
+    if (embd_t_ == nullptr) {
+        embd_t_ = model_.self_cond_table(sc_table_type_);
     }
 }
 

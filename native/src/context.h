@@ -89,6 +89,9 @@ public:
     uint32_t          n_past() const { return n_past_; }
     const GgufModel & model() const { return model_; }
     uint32_t n_ctx() const { return cache_.n_ctx(); }
+    const KvCache & cache() const { return cache_; }
+    bool     flash_attn() const { return flash_attn_; }
+    dg_context_info info() const;
     int32_t  n_threads() const { return n_threads_; }
     const KernelPolicy & kernels() const { return policy_; }
     const std::string &  kernel_names() const { return kernel_names_; }
@@ -110,12 +113,11 @@ private:
     void check_step_inputs(uint32_t n, float temperature, const float * uniforms, const RowStats * rows) const;
     void read_rows(const ForwardTensors & io, uint32_t n, RowStats * rows);
     void set_input(ggml_tensor * t, const void * data, size_t size, bool count);
+    void set_kv_inputs(const ForwardShape & shape, const ForwardTensors & io, bool count);
+    bool decide_flash_attn() const;
     void ensure_transposed_embedding();
-    void allocate_transposed_embedding();
     void reserve_device_buffers();
     ggml_cgraph * build_reduce_graph(ggml_context * ctx, uint32_t n, ggml_tensor ** logits, ForwardTensors & io) const;
-    void transpose_embedding_in_graphs(ggml_tensor * embd, ggml_tensor * embd_t);
-    void transpose_embedding_on_host(ggml_tensor * embd, ggml_tensor * embd_t);
     void ensure_sc_state(uint32_t n);
     void check_backend_support() const;
     void drop_graph();
@@ -131,6 +133,10 @@ private:
     KvCache                     cache_;
     uint32_t                    n_batch_ = 512;
     uint32_t                    sc_top_k_ = 0;  // 0: exact self-conditioning
+    int                         kv_type_ = 1;   // ggml_type of the KV cache (GGML_TYPE_F16)
+    uint32_t                    flash_attn_mode_ = DG_FLASH_ATTN_AUTO;
+    bool                        flash_attn_ = false;  // what the graphs use
+    uint32_t                    cache_n_ctx_ = 0;
     bool                        collecting_imatrix_ = false;  // graphs then use ggml's matmul ops only
     int32_t                     n_threads_ = 1;
     uint32_t                    n_past_ = 0;
@@ -141,19 +147,18 @@ private:
     ForwardShape                graph_shape_;
     bool                        have_graph_ = false;  // graph_ is built and allocated for graph_shape_
     std::vector<uint8_t>        scratch_mem_;      // metadata of one-off graphs
-    DeviceTensor                embd_t_;                 // [n_vocab, n_embd], for self-conditioning
-    bool                        embd_t_filled_ = false;  // embd_t_ holds the transposed embedding
-    // The step loop's self-conditioning state, F32 [n_vocab, n] each: a step writes its processed
-    // logits to sc_next_; the next step copies them to sc_prev_ and reads those (one graph never
-    // reads and writes the same buffer).
-    DeviceTensor                sc_next_;
-    DeviceTensor                sc_prev_;
+    ggml_tensor *               embd_t_ = nullptr;  // the model's self-conditioning table, once needed
+    int                         sc_table_type_ = 0;  // its ggml_type
+    // The step loop's self-conditioning state, F32 [n_vocab, n]: a step reads the previous step's
+    // processed logits from it and writes its own (see build_forward).
+    DeviceTensor                sc_state_;
     bool                        sc_state_valid_ = false;
     // Off the CPU no device buffer is freed while the context lives (see reserve_device_buffers):
     // buffers that state outgrew wait here until release().
     bool                        keep_device_buffers_ = false;
     std::vector<ggml_backend_buffer *> retired_buffers_;
     StepStats                   stats_;
+    uint64_t                    graphs_built_ = 0;
     std::unique_ptr<ImatrixCollector> imatrix_;          // null until imatrix_start()
 };
 

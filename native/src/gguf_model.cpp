@@ -4,6 +4,7 @@
 #include "error.h"
 #include "gguf_schema.h"
 #include "gguf_values.h"
+#include "parallel.h"
 #include "tokenizer.h"
 
 #include "ggml-alloc.h"
@@ -12,6 +13,7 @@
 #include "gguf.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -279,6 +281,10 @@ std::string prescan_metadata(const uint8_t * data, uint64_t size) {
 // ---------------------------------------------------------------------------------------------
 
 GgufModel::~GgufModel() {
+    for (auto & [type, t] : tables_) {
+        ggml_backend_buffer_free(t.buffer);
+        ggml_free(t.ctx);
+    }
     if (repack_buffer_ != nullptr) {
         ggml_backend_buffer_free(repack_buffer_);
     }
@@ -383,6 +389,28 @@ static bool matmul_only_weight(const std::string & name) {
     return layer_matrix || name == "output.weight";
 }
 
+size_t GgufModel::plan_repack(std::vector<const TensorRecord *> * repacked) const {
+    ggml_backend_buffer_type_t buft = repack_ ? cpu_repack_buffer_type(device_) : nullptr;
+    if (buft == nullptr) {
+        return 0;
+    }
+    ggml_backend_buffer_t probe = ggml_backend_buft_alloc_buffer(buft, 0);
+    size_t total = 0;
+    for (const TensorRecord & t : tensors_) {
+        ggml_tensor * w = ggml_get_tensor(meta_ctx_, t.name.c_str());
+        if (probe != nullptr && ggml_is_quantized(w->type) && matmul_only_weight(t.name) && runs_from(device_, probe, w)) {
+            if (repacked != nullptr) {
+                repacked->push_back(&t);
+            }
+            total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, w), ggml_backend_buft_get_alignment(buft));
+        }
+    }
+    if (probe != nullptr) {
+        ggml_backend_buffer_free(probe);
+    }
+    return total;
+}
+
 void GgufModel::bind_weights() const {
     std::call_once(bind_once_, [this] {
         // Quantized matmul weights ggml has tiled CPU kernels for go to the repack buffer (copied
@@ -390,19 +418,7 @@ void GgufModel::bind_weights() const {
         std::vector<const TensorRecord *> repacked;
         if (repack_) {
             if (ggml_backend_buffer_type_t buft = cpu_repack_buffer_type(device_)) {
-                ggml_backend_buffer_t probe = ggml_backend_buft_alloc_buffer(buft, 0);
-                size_t total = 0;
-                for (const TensorRecord & t : tensors_) {
-                    ggml_tensor * w = ggml_get_tensor(meta_ctx_, t.name.c_str());
-                    if (probe != nullptr && ggml_is_quantized(w->type) && matmul_only_weight(t.name) &&
-                        runs_from(device_, probe, w)) {
-                        repacked.push_back(&t);
-                        total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, w), ggml_backend_buft_get_alignment(buft));
-                    }
-                }
-                if (probe != nullptr) {
-                    ggml_backend_buffer_free(probe);
-                }
+                const size_t total = plan_repack(&repacked);
                 if (!repacked.empty()) {
                     repack_buffer_ = ggml_backend_buft_alloc_buffer(buft, total);
                     if (repack_buffer_ == nullptr) {
@@ -820,6 +836,110 @@ void GgufModel::validate_tensors() {
                                        "and '%sffn_up_exps.weight')", prefix.c_str(), prefix.c_str(), prefix.c_str()));
         }
     }
+}
+
+}  // namespace dg
+
+namespace dg {
+
+int GgufModel::self_cond_table_type(uint32_t choice) const {
+    switch (choice) {
+        case DG_SC_TABLE_F32: return GGML_TYPE_F32;
+        case DG_SC_TABLE_F16: return GGML_TYPE_F16;
+        case DG_SC_TABLE_Q8_0:
+            if (hparams_.n_vocab % ggml_blck_size(GGML_TYPE_Q8_0) != 0) {
+                fail(DG_ERR_UNSUPPORTED, format("a Q8_0 self-conditioning table needs a vocabulary of a multiple of 32 tokens "
+                                                "(this one has %u)", hparams_.n_vocab));
+            }
+            return GGML_TYPE_Q8_0;
+        case DG_SC_TABLE_AUTO:
+            if (weights_.token_embd->type == GGML_TYPE_F32) {
+                return GGML_TYPE_F32;
+            }
+            return hparams_.n_vocab % ggml_blck_size(GGML_TYPE_Q8_0) == 0 ? GGML_TYPE_Q8_0 : GGML_TYPE_F16;
+        default:
+            fail(DG_ERR_INVALID_ARG, format("sc_table = %u is not auto (0), f32 (1), f16 (2) or q8_0 (3)", choice));
+    }
+}
+
+uint64_t GgufModel::self_cond_table_bytes(int type) const {
+    return ggml_row_size(static_cast<ggml_type>(type), hparams_.n_vocab) * static_cast<uint64_t>(hparams_.n_embd);
+}
+
+uint64_t GgufModel::self_cond_tables_built_bytes() const {
+    std::lock_guard<std::mutex> lock(tables_mutex_);
+    uint64_t total = 0;
+    for (const auto & [type, t] : tables_) {
+        total += ggml_backend_buffer_get_size(t.buffer);
+    }
+    return total;
+}
+
+// Slices of the vocabulary are dequantized from the mapping, transposed and converted on the host,
+// a slice per worker; the table is written straight into a host buffer, or staged and uploaded.
+ggml_tensor * GgufModel::self_cond_table(int type) const {
+    std::lock_guard<std::mutex> lock(tables_mutex_);
+    for (const auto & [t, table] : tables_) {
+        if (t == type) {
+            return table.tensor;
+        }
+    }
+    const dg_hparams &   hp  = hparams_;
+    const TensorRecord * rec = find_tensor("token_embd.weight");
+    const ggml_tensor *  embd = weights_.token_embd;
+    const auto *         traits = ggml_get_type_traits(embd->type);
+    if (rec == nullptr || rec->data == nullptr || (embd->type != GGML_TYPE_F32 && traits->to_float == nullptr)) {
+        fail(DG_ERR_UNSUPPORTED, format("cannot dequantize token_embd.weight (%s) on the host", ggml_type_name(embd->type)));
+    }
+    const auto out_type = static_cast<ggml_type>(type);
+    Table      table;
+    ggml_init_params p{};
+    p.mem_size = ggml_tensor_overhead();
+    p.no_alloc = true;
+    table.ctx    = ggml_init(p);
+    table.tensor = ggml_new_tensor_2d(table.ctx, out_type, hp.n_vocab, hp.n_embd);
+    ggml_set_name(table.tensor, "token_embd_t");
+    table.buffer = ggml_backend_alloc_ctx_tensors_from_buft(table.ctx, ggml_backend_dev_buffer_type(device_));
+    if (table.buffer == nullptr) {
+        ggml_free(table.ctx);
+        fail(DG_ERR_OUT_OF_MEMORY, format("cannot allocate the self-conditioning table (%.2f GiB)",
+                                          static_cast<double>(self_cond_table_bytes(type)) / (1ull << 30)));
+    }
+    const bool      host = ggml_backend_buffer_is_host(table.buffer);
+    const size_t    row_out = ggml_row_size(out_type, hp.n_vocab);
+    std::vector<uint8_t> staging(host ? 0 : row_out * hp.n_embd);
+    uint8_t *       dst = host ? static_cast<uint8_t *>(table.tensor->data) : staging.data();
+    const size_t    row_in = ggml_row_size(embd->type, hp.n_embd);
+    const uint32_t  slice = 4096;  // vocabulary rows per task (a multiple of every block size)
+    const uint32_t  n_slices = (hp.n_vocab + slice - 1) / slice;
+    const unsigned  n_workers = std::max(1u, std::min<unsigned>(static_cast<unsigned>(n_threads_), n_slices));
+    std::atomic<uint32_t> next{0};
+    run_workers(n_workers, [&](unsigned) {
+        std::vector<float> rows(static_cast<size_t>(slice) * hp.n_embd), run(slice);
+        for (uint32_t s; (s = next.fetch_add(1)) < n_slices;) {
+            const uint32_t v0 = s * slice, m = std::min(slice, hp.n_vocab - v0);
+            for (uint32_t i = 0; i < m; ++i) {
+                const uint8_t * src = rec->data + static_cast<size_t>(v0 + i) * row_in;
+                if (embd->type == GGML_TYPE_F32) {
+                    std::memcpy(rows.data() + static_cast<size_t>(i) * hp.n_embd, src, sizeof(float) * hp.n_embd);
+                } else {
+                    traits->to_float(src, rows.data() + static_cast<size_t>(i) * hp.n_embd, hp.n_embd);
+                }
+            }
+            for (uint32_t e = 0; e < hp.n_embd; ++e) {
+                for (uint32_t i = 0; i < m; ++i) {
+                    run[i] = rows[static_cast<size_t>(i) * hp.n_embd + e];
+                }
+                uint8_t * out = dst + row_out * e + ggml_row_size(out_type, v0);
+                ggml_quantize_chunk(out_type, run.data(), out, 0, 1, m, nullptr);
+            }
+        }
+    });
+    if (!host) {
+        ggml_backend_tensor_set(table.tensor, staging.data(), 0, staging.size());
+    }
+    tables_.emplace_back(type, table);
+    return table.tensor;
 }
 
 }  // namespace dg

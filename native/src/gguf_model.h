@@ -78,7 +78,17 @@ public:
     // Places the weights on the model's device, once: zero-copy views of the mapping on the CPU
     // (or any device that can use host memory), an upload otherwise. Thread-safe.
     void                             bind_weights() const;
+    // CPU: the bytes of the weights bind_weights() copies into ggml's repack buffer (and which).
+    size_t                           plan_repack(std::vector<const TensorRecord *> * repacked = nullptr) const;
     int32_t                          n_threads() const { return n_threads_; }
+    // Self-conditioning's table: the embedding transposed, [n_vocab, n_embd] of `type` (F32, F16 or
+    // Q8_0) on the model's device, built on first use from the mapping and shared by every context.
+    // Thread-safe.
+    ggml_tensor *                    self_cond_table(int type) const;
+    // The table's type for a dg_sc_table choice, and the bytes it takes.
+    int                              self_cond_table_type(uint32_t choice) const;
+    uint64_t                         self_cond_table_bytes(int type) const;
+    uint64_t                         self_cond_tables_built_bytes() const;  // what the built tables take
     uint64_t                         file_size() const { return file_.size(); }
 
 private:
@@ -108,6 +118,13 @@ private:
     int32_t                                   n_threads_ = 1;
     bool                                      repack_    = true;
     mutable ggml_backend_buffer *             repack_buffer_ = nullptr;
+    struct Table {
+        ggml_context *        ctx = nullptr;
+        ggml_backend_buffer * buffer = nullptr;
+        ggml_tensor *         tensor = nullptr;
+    };
+    mutable std::mutex                        tables_mutex_;
+    mutable std::vector<std::pair<int, Table>> tables_;
 };
 
 }  // namespace dg

@@ -149,32 +149,47 @@ void build_sampler(ggml_context * ctx, ggml_cgraph * gf, const dg_hparams & hp, 
     }
 }
 
-uint32_t swa_kv_start(uint32_t n_past, uint32_t sliding_window) {
-    const uint32_t keep = sliding_window > 0 ? sliding_window - 1 : 0;
-    return n_past > keep ? n_past - keep : 0;
-}
-
 ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufModel & model, const KvCache & cache,
                              const ForwardShape & shape, const KernelPolicy & policy, ggml_tensor * embd_t,
-                             ggml_tensor * sc_prev, ggml_tensor * sc_next) {
+                             ggml_tensor * sc_state) {
     const dg_hparams &   hp = model.hparams();
     const ModelWeights & W  = model.weights();
+    const KvLayout &     kv = cache.layout();
     Builder              b{ctx, hp, policy, policy.q8_0_matmul && !shape.ggml_matmuls_only};
     ForwardTensors       io;
     const bool           encode = shape.pass == Pass::ENCODE;
     const int64_t        n      = shape.n_tokens;
-    const uint32_t       n_past = shape.n_past;
-    io.kv_start_swa             = swa_kv_start(n_past, hp.sliding_window);
+    const int64_t        n_kv[2] = {shape.n_kv_full, kv.slots_swa};  // [0] full layers, [1] sliding layers
 
     io.tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
     ggml_set_input(io.tokens);
     io.positions = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
     ggml_set_input(io.positions);
-    if (encode) {
-        io.mask_full = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_past + n, n);
-        io.mask_swa  = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_past - io.kv_start_swa + n, n);
-        ggml_set_input(io.mask_full);
-        ggml_set_input(io.mask_swa);
+    ggml_tensor * masks[2] = {};
+    for (int g = 0; g < 2; ++g) {
+        io.slots[g] = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+        ggml_set_input(io.slots[g]);
+        if (kv.v_transposed) {
+            int64_t row = 0;
+            for (const LayerLayout & L : model.layers()) {
+                if (L.is_sliding == (g == 1)) {
+                    row = static_cast<int64_t>(L.head_dim) * L.n_head_kv;
+                }
+            }
+            io.v_slots[g] = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, row * n);
+            ggml_set_input(io.v_slots[g]);
+        }
+        if (encode) {
+            io.mask[g] = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_kv[g], n);
+            ggml_set_input(io.mask[g]);
+            masks[g] = io.mask[g];
+        } else {
+            // every canvas query reads the same slots: one row in, repeated on the device
+            io.kv_row[g] = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n_kv[g]);
+            ggml_set_input(io.kv_row[g]);
+            ggml_tensor * shape2d = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv[g], n);
+            masks[g] = ggml_cast(ctx, ggml_repeat(ctx, ggml_reshape_2d(ctx, io.kv_row[g], n_kv[g], 1), shape2d), GGML_TYPE_F16);
+        }
     }
 
     // 3.1 input embedding: E[t] * sqrt(n_embd); canvas rows go through self-conditioning and a
@@ -187,7 +202,7 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
             ggml_set_input(io.sc_logits);
             sc_in = io.sc_logits;
         } else if (shape.self_cond == SelfCond::DEVICE) {
-            sc_in = sc_prev;
+            sc_in = sc_state;
         }
         if (sc_in != nullptr) {
             ggml_tensor * mixed = b.self_cond_mix(sc_in, W.token_embd, embd_t, shape.sc_top_k);
@@ -226,33 +241,41 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
                               static_cast<int>(hp.n_ctx_train), hp.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
         }
 
-        // Keys and values: [cached prefix (the window for sliding layers) | this pass]
+        // Keys and values: this pass's go into the slots of its positions; the pass then reads one
+        // view of the slots (the prefix and itself), masked by the positions they hold.
+        const int      g     = L.is_sliding ? 1 : 0;
+        const int64_t  T     = n_kv[g];
+        const int64_t  row   = hd * nkv;
         ggml_tensor *  ck    = cache.k(il);
         ggml_tensor *  cv    = cache.v(il);
-        const uint32_t start = L.is_sliding ? io.kv_start_swa : 0;
-        ggml_tensor *  k_all = k;
-        ggml_tensor *  v_all = v;
-        if (n_past > start) {
-            ggml_tensor * k_old = ggml_view_3d(ctx, ck, hd, nkv, n_past - start, ck->nb[1], ck->nb[2], ck->nb[2] * start);
-            ggml_tensor * v_old = ggml_view_3d(ctx, cv, hd, nkv, n_past - start, cv->nb[1], cv->nb[2], cv->nb[2] * start);
-            k_all = ggml_concat(ctx, k_old, k, 2);
-            v_all = ggml_concat(ctx, v_old, v, 2);
+        ggml_tensor *  k_set = ggml_set_rows(ctx, ck, ggml_reshape_2d(ctx, k, row, n), io.slots[g]);
+        ggml_tensor *  v_set = kv.v_transposed
+                                   ? ggml_set_rows(ctx, ggml_reshape_2d(ctx, cv, 1, ggml_nelements(cv)),
+                                                   ggml_reshape_2d(ctx, v, 1, row * n), io.v_slots[g])
+                                   : ggml_set_rows(ctx, cv, ggml_reshape_2d(ctx, v, row, n), io.slots[g]);
+        if (encode && il + 1 == hp.n_layer) {
+            ggml_build_forward_expand(gf, k_set);  // the encoder's last layer only has to fill the cache
+            ggml_build_forward_expand(gf, v_set);
+            break;
         }
-        if (encode) {
-            ggml_build_forward_expand(gf, ggml_cpy(ctx, k, ggml_view_3d(ctx, ck, hd, nkv, n, ck->nb[1], ck->nb[2], ck->nb[2] * n_past)));
-            ggml_build_forward_expand(gf, ggml_cpy(ctx, v, ggml_view_3d(ctx, cv, hd, nkv, n, cv->nb[1], cv->nb[2], cv->nb[2] * n_past)));
-            if (il + 1 == hp.n_layer) {
-                break;  // the encoder's last layer only has to fill the cache
-            }
+        const size_t   es_k  = ggml_row_size(ck->type, hd);  // one head's bytes in a slot
+        ggml_tensor *  keys  = ggml_view_3d(ctx, k_set, hd, T, nkv, ck->nb[1], es_k, 0);  // [hd, T, nkv]
+        ggml_tensor *  att;
+        if (shape.flash_attn) {
+            ggml_tensor * vals = ggml_view_3d(ctx, v_set, hd, T, nkv, cv->nb[1], ggml_row_size(cv->type, hd), 0);
+            ggml_tensor * fa   = ggml_flash_attn_ext(ctx, ggml_permute(ctx, q, 0, 2, 1, 3), keys, vals, masks[g], 1.0f, 0.0f, 0.0f);
+            ggml_flash_attn_ext_set_prec(fa, GGML_PREC_F32);
+            att = ggml_reshape_2d(ctx, fa, hd * hp.n_head, n);  // [hd, n_head, n] -> rows of n_head * hd
+        } else {
+            // A contiguous q lets ggml's tiled matmul (llamafile) take the scores; it is the pass's own.
+            ggml_tensor * kq = ggml_mul_mat(ctx, keys, ggml_cont(ctx, ggml_permute(ctx, q, 0, 2, 1, 3)));  // [T, n, n_head]
+            kq = ggml_soft_max_ext(ctx, kq, masks[g], 1.0f, 0.0f);  // scale 1.0: no 1/sqrt(d)
+            const size_t  es_v = ggml_element_size(cv);
+            const int64_t S    = cv->ne[0];  // slots: V^T is [slots, hd * nkv]
+            ggml_tensor * v_t  = ggml_view_3d(ctx, v_set, T, hd, nkv, S * es_v, S * es_v * hd, 0);  // [T, hd, nkv]
+            att = ggml_mul_mat(ctx, v_t, kq);                                                      // [hd, n, n_head]
+            att = ggml_cont_2d(ctx, ggml_permute(ctx, att, 0, 2, 1, 3), hd * hp.n_head, n);
         }
-        // Contiguous operands let ggml's tiled matmul (llamafile) take the scores; the copies are small.
-        ggml_tensor * kq = ggml_mul_mat(ctx, ggml_cont(ctx, ggml_permute(ctx, k_all, 0, 2, 1, 3)),
-                                        ggml_cont(ctx, ggml_permute(ctx, q, 0, 2, 1, 3)));
-        ggml_tensor * mask = encode ? (L.is_sliding ? io.mask_swa : io.mask_full) : nullptr;
-        kq = ggml_soft_max_ext(ctx, kq, mask, 1.0f, 0.0f);  // scale 1.0: no 1/sqrt(d)
-        ggml_tensor * v_t = ggml_cont(ctx, ggml_permute(ctx, v_all, 1, 2, 0, 3));  // [T, hd, nkv]
-        ggml_tensor * att = ggml_mul_mat(ctx, v_t, kq);                            // [hd, n, n_head]
-        att = ggml_cont_2d(ctx, ggml_permute(ctx, att, 0, 2, 1, 3), hd * hp.n_head, n);
         ggml_tensor * r = ggml_add(ctx, h, b.rms(b.matmul(w.wo, att), w.post_attention_norm));
 
         // 3.2.5 dense MLP
@@ -311,7 +334,7 @@ ForwardTensors build_forward(ggml_context * ctx, ggml_cgraph * gf, const GgufMod
         ggml_build_forward_expand(gf, logits);
         return io;
     }
-    build_sampler(ctx, gf, hp, policy, logits, sc_next, io);
+    build_sampler(ctx, gf, hp, policy, logits, sc_state, io);
     return io;
 }
 

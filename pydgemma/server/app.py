@@ -49,6 +49,7 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
     sc_top_k: int = 0
+    kv_type: str = "f16"
     default_max_tokens: int = 1024
 
 
@@ -165,7 +166,8 @@ class State:
             model = Model(self.config.model_path, device=self.config.device, n_threads=self.config.threads)
             hp = model.hparams
             n_ctx = self.config.n_ctx or min(4096, hp["n_ctx_train"])
-            self.engine = Engine(model, n_ctx=n_ctx, max_queue=self.config.max_queue, sc_top_k=self.config.sc_top_k)
+            self.engine = Engine(model, n_ctx=n_ctx, max_queue=self.config.max_queue, sc_top_k=self.config.sc_top_k,
+                                 kv_type=self.config.kv_type)
             self.text_of = TokenText(model)
             self.model = model
         except Exception as exc:  # noqa: BLE001 - whatever it is, /health says it and serve() stops with it

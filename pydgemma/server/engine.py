@@ -36,11 +36,11 @@ class Job:
 class Engine:
     """Runs jobs in order on one context of `n_ctx` tokens."""
 
-    def __init__(self, model, *, n_ctx: int, max_queue: int, sc_top_k: int = 0) -> None:
+    def __init__(self, model, *, n_ctx: int, max_queue: int, sc_top_k: int = 0, kv_type: str = "f16") -> None:
         self.model = model
         self.n_ctx = n_ctx
         self.max_queue = max_queue
-        self.ctx = model.context(n_ctx=n_ctx, sc_top_k=sc_top_k)
+        self.ctx = model.context(n_ctx=n_ctx, sc_top_k=sc_top_k, kv_type=kv_type)
         self._cached: list[int] = []  # the tokens whose K/V the context holds
         self._jobs: deque[tuple[Job, asyncio.AbstractEventLoop]] = deque()
         self._lock = threading.Lock()
@@ -107,6 +107,7 @@ class Engine:
             shared += 1
         shared = min(shared, len(prompt) - 1, self.ctx.n_past)  # always prefill at least one token
         self.ctx.truncate(shared)
+        shared = self.ctx.n_past  # a sliding layers' ring may keep fewer
         self._cached = self._cached[:shared]
         job.reused_tokens = shared
 
