@@ -31,14 +31,14 @@ import pydgemma
 from pydgemma.generate import generate_ids
 from pydgemma.sampler import Sampler
 
-path, device, repeat, steps, canvases, n_prompt, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+path, device, repeat, steps, canvases, n_prompt, threads, n_ctx = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
 model = pydgemma.Model(path, device=device, n_threads=threads or None)
 hp = model.hparams
 V, C = hp["n_vocab"], hp["canvas_length"]
 rng = np.random.default_rng(0)
 prompt = rng.integers(0, V, n_prompt).astype(np.int32)
 canvas = rng.integers(0, V, C).astype(np.int32)
-ctx = model.context(n_ctx=n_prompt + (canvases + 1) * C)
+ctx = model.context(n_ctx=max(n_ctx, n_prompt + (canvases + 1) * C))
 ctx.prefill(prompt)
 sampler = Sampler(model, seed=0, max_steps=10_000)
 device_step = hasattr(ctx, "step")
@@ -71,8 +71,13 @@ t = time.perf_counter()
 gen = generate_ids(ctx, prompt, max_new_tokens=canvases * C, sampler={"seed": 0, "max_steps": steps,
                    "confidence_threshold": -1.0}, eos_ids=[])
 total = time.perf_counter() - t
+def peak_rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
 out = {"device_step": device_step, "device": model.device, "step_ms": 1e3 * statistics.median(times),
-       "bytes": moved, "end_to_end_s": total, "steps": gen.steps}
+       "bytes": moved, "end_to_end_s": total, "steps": gen.steps, "peak_rss": peak_rss(),
+       "kv_bytes": ctx.info["kv_bytes"] if hasattr(ctx, "info") else None}
 if device_step:
     from pydgemma.bench import run_bench
     out["bench_step"] = run_bench(model, prompt=prompt, canvas=canvas, repeat=max(3, repeat // 2), canvases=1, steps=2,
@@ -92,6 +97,7 @@ def main() -> None:
     ap.add_argument("--canvases", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--n-ctx", type=int, default=0, help="Context size (default: the prompt and the canvases).")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     engines = []
@@ -108,21 +114,24 @@ def main() -> None:
     results = {}
     for name, python, device in engines:
         r = subprocess.run([python, "-c", CHILD, str(files[args.type]), device or "cpu", str(args.repeat), str(args.steps),
-                            str(args.canvases), str(args.prompt_tokens), str(args.threads)],
+                            str(args.canvases), str(args.prompt_tokens), str(args.threads), str(args.n_ctx)],
                            capture_output=True, text=True, cwd="/")
         if r.returncode != 0:
             sys.exit(f"engine {name} failed:\n{r.stderr}")
         results[name] = json.loads(r.stdout.strip().splitlines()[-1])
     base = next(iter(results.values()))
     print(f"{args.size} model, {args.type}, prompt {args.prompt_tokens}, {args.steps} steps x {args.canvases} canvas(es)")
-    print(f"{'engine':<12} {'device':<9} {'step+SC ms':>11} {'x':>6} {'bytes in/out per step':>26} {'e2e s':>8} {'x':>6}  shares")
+    print(f"{'engine':<12} {'device':<9} {'step+SC ms':>11} {'x':>6} {'bytes in/out per step':>26} {'e2e s':>8} {'x':>6} "
+          f"{'peak RSS':>9} {'KV':>9}  shares")
     for name, r in results.items():
         shares = ""
         if "bench_step" in r:
             shares = ", ".join(f"{k} {v:.0%}" for k, v in r["bench_step"]["share"].items())
         moved = f"{r['bytes']['to_device']:.0f} / {r['bytes']['from_device']:.0f}"
+        kv = f"{r['kv_bytes'] / 2**20:.0f} MiB" if r.get("kv_bytes") is not None else "-"
         print(f"{name:<12} {r['device']:<9} {r['step_ms']:>11.1f} {base['step_ms'] / r['step_ms']:>6.2f} {moved:>26} "
-              f"{r['end_to_end_s']:>8.2f} {base['end_to_end_s'] / r['end_to_end_s']:>6.2f}  {shares}")
+              f"{r['end_to_end_s']:>8.2f} {base['end_to_end_s'] / r['end_to_end_s']:>6.2f} "
+              f"{r['peak_rss'] / 2**20:>5.0f} MiB {kv:>9}  {shares}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -219,8 +219,8 @@ typedef enum dg_kv_type {
 } dg_kv_type;
 
 /* Attention through ggml_flash_attn_ext (no score matrix, no transposed V) or through two matmuls
- * and a softmax. AUTO: matmuls on the CPU (float32 accumulation and ggml's tiled matmul), flash
- * attention on other devices that run it, and wherever the cache is Q8_0. */
+ * and a softmax (V stored transposed). AUTO: flash attention wherever the device runs it (the CPU
+ * does: it is also the faster there), else matmuls; a Q8_0 cache always takes flash attention. */
 typedef enum dg_flash_attn {
     DG_FLASH_ATTN_AUTO = 0,
     DG_FLASH_ATTN_ON   = 1,

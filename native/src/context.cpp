@@ -630,9 +630,8 @@ dg_context_info Context::info() const {
     return out;
 }
 
-// AUTO: flash attention off the CPU where the device runs it for every layer's geometry, on the
-// CPU beyond cpu_matmul_attention_max_ctx (the score matrix grows with the context), and wherever
-// the cache is Q8_0 (which the matmul path cannot read transposed).
+// AUTO: flash attention wherever the device runs it for every layer's geometry (the CPU always
+// does), and wherever the cache is Q8_0 (which the matmul path cannot read transposed).
 bool Context::decide_flash_attn() const {
     if (flash_attn_mode_ == DG_FLASH_ATTN_ON || kv_type_ == GGML_TYPE_Q8_0) {
         return true;
@@ -641,7 +640,7 @@ bool Context::decide_flash_attn() const {
         return false;
     }
     if (ggml_backend_dev_type(model_.device()) == GGML_BACKEND_DEVICE_TYPE_CPU) {
-        return cache_n_ctx_ > cpu_matmul_attention_max_ctx;
+        return true;
     }
     const dg_hparams & hp = model_.hparams();
     std::vector<uint8_t> mem(ggml_tensor_overhead() * 8 * model_.layers().size() + 1024);

@@ -40,8 +40,7 @@ dg_memory_plan plan_context_memory(const GgufModel & model, const dg_context_par
     const int          kv_type = kv_ggml_type(params.kv_type);
     const bool         cpu     = ggml_backend_dev_type(model.device()) == GGML_BACKEND_DEVICE_TYPE_CPU;
     m.n_ctx      = n_ctx;
-    m.flash_attn = params.flash_attn == DG_FLASH_ATTN_ON || kv_type == GGML_TYPE_Q8_0 ||
-                   (params.flash_attn == DG_FLASH_ATTN_AUTO && (!cpu || n_ctx > cpu_matmul_attention_max_ctx));
+    m.flash_attn = params.flash_attn != DG_FLASH_ATTN_OFF;  // AUTO: where the device runs it (see Context)
 
     // weights: read in place from the mapping where the device can, else copied (CPU: repacked)
     uint64_t file_bytes = 0;

@@ -12,10 +12,6 @@ namespace dg {
 
 class GgufModel;
 
-// The CPU takes the matmul attention path up to this context (beyond it the score matrix, n_ctx x
-// canvas x heads floats, outgrows what flash attention saves in speed).
-constexpr uint32_t cpu_matmul_attention_max_ctx = 8192;
-
 // `params` as dg_context_new resolves them (n_ctx filled in).
 dg_memory_plan plan_context_memory(const GgufModel & model, const dg_context_params & params);
 // What the device must hold: the CPU the mapped weights too (resident, to run at speed).
