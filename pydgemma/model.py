@@ -179,8 +179,8 @@ class Model:
 
         ``kv_type``: the KV cache's entries, "f16" (default), "f32" (the transformers-exact one) or
         "q8_0" (about half of F16; needs flash attention). ``flash_attn``: "auto" (flash attention
-        wherever the device runs it, the CPU included; else matmuls), "on" or "off" (matmuls: V
-        stored transposed; not with a Q8_0 cache). ``sc_table``: the self-conditioning table's type, "auto" (F32 for an
+        wherever the device runs it, the CPU included, but not on Vulkan; else matmuls), "on" or
+        "off" (matmuls: V stored transposed; not with a Q8_0 cache). ``sc_table``: the self-conditioning table's type, "auto" (F32 for an
         F32 embedding, else Q8_0), "f32", "f16" or "q8_0"; one table per type is shared by the
         model's contexts. The context is refused up front (with :meth:`plan_memory`'s breakdown)
         when it does not fit on the device."""

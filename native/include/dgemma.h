@@ -220,7 +220,8 @@ typedef enum dg_kv_type {
 
 /* Attention through ggml_flash_attn_ext (no score matrix, no transposed V) or through two matmuls
  * and a softmax (V stored transposed). AUTO: flash attention wherever the device runs it (the CPU
- * does: it is also the faster there), else matmuls; a Q8_0 cache always takes flash attention. */
+ * does: it is also the faster there), except Vulkan (ggml-vulkan 0.15.3's crashed lavapipe), else
+ * matmuls; a Q8_0 cache always takes flash attention. */
 typedef enum dg_flash_attn {
     DG_FLASH_ATTN_AUTO = 0,
     DG_FLASH_ATTN_ON   = 1,

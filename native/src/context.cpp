@@ -631,12 +631,13 @@ dg_context_info Context::info() const {
 }
 
 // AUTO: flash attention wherever the device runs it for every layer's geometry (the CPU always
-// does), and wherever the cache is Q8_0 (which the matmul path cannot read transposed).
+// does), except on Vulkan (flash_attn_auto_allowed), and wherever the cache is Q8_0 (which the
+// matmul path cannot read transposed).
 bool Context::decide_flash_attn() const {
     if (flash_attn_mode_ == DG_FLASH_ATTN_ON || kv_type_ == GGML_TYPE_Q8_0) {
         return true;
     }
-    if (flash_attn_mode_ == DG_FLASH_ATTN_OFF) {
+    if (flash_attn_mode_ == DG_FLASH_ATTN_OFF || !flash_attn_auto_allowed(model_.device())) {
         return false;
     }
     if (ggml_backend_dev_type(model_.device()) == GGML_BACKEND_DEVICE_TYPE_CPU) {

@@ -433,6 +433,7 @@ void GgufModel::bind_weights() const {
                             fail(DG_ERR_BACKEND, format("cannot place tensor '%s' in %s", t->name.c_str(), ggml_backend_buft_name(buft)));
                         }
                         ggml_backend_tensor_set(w, t->data, 0, t->n_bytes);  // re-lays out the blocks
+                        file_.release(t->data, t->n_bytes);  // the copy is what runs: the mapped pages can go
                     }
                     ggml_backend_buffer_set_usage(repack_buffer_, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
                 }
@@ -472,6 +473,7 @@ void GgufModel::bind_weights() const {
             for (const TensorRecord & t : tensors_) {
                 if (!is_repacked(t)) {
                     ggml_backend_tensor_set(ggml_get_tensor(meta_ctx_, t.name.c_str()), t.data, 0, t.n_bytes);
+                    file_.release(t.data, t.n_bytes);  // uploaded: the host's mapped pages can go
                 }
             }
         }
@@ -937,6 +939,9 @@ ggml_tensor * GgufModel::self_cond_table(int type) const {
     });
     if (!host) {
         ggml_backend_tensor_set(table.tensor, staging.data(), 0, staging.size());
+    }
+    if (weights_buffer_ != nullptr && !ggml_backend_buffer_is_host(weights_buffer_)) {
+        file_.release(rec->data, rec->n_bytes);  // the device has its own copy of the embedding
     }
     tables_.emplace_back(type, table);
     return table.tensor;

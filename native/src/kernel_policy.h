@@ -13,7 +13,7 @@ namespace dg {
 
 struct KernelPolicy {
     bool q8_0_matmul   = false;  // Q8_0 dense and routed-expert products (x86 AVX-512 VNNI)
-    bool self_cond_mix = false;  // self-conditioning's probabilities x F16 embedding (x86 AVX-512)
+    bool self_cond_mix = false;  // self-conditioning's probabilities x F16/Q8_0 table (x86 AVX-512)
     bool activations   = false;  // vectorised GELU and logit softcap (any CPU)
     bool sampler       = false;  // the step's sampler reductions in one pass per row (any CPU)
 

@@ -83,4 +83,16 @@ void MappedFile::open(const std::string & path, bool use_mmap) {
     data_ = buffer_.data();
 }
 
+void MappedFile::release(const uint8_t * p, uint64_t n) const {
+    if (map_ == nullptr || p < data_ || p + n > data_ + size_) {
+        return;
+    }
+    const uintptr_t page  = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+    const uintptr_t end   = (reinterpret_cast<uintptr_t>(p) + n) / page * page;
+    if (end > begin) {
+        ::madvise(reinterpret_cast<void *>(begin), end - begin, MADV_DONTNEED);  // advice: a failure changes nothing
+    }
+}
+
 }  // namespace dg

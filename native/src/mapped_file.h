@@ -19,6 +19,10 @@ public:
 
     const uint8_t * data() const { return data_; }
     uint64_t        size() const { return size_; }
+    // The process will not read [p, p + n) again soon (its bytes were copied elsewhere): with a
+    // mapping, the whole pages inside it leave the process's resident set (the page cache may keep
+    // them; reading them again faults them back in). Nothing happens without a mapping.
+    void            release(const uint8_t * p, uint64_t n) const;
 
 private:
     const uint8_t *      data_ = nullptr;

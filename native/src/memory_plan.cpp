@@ -2,6 +2,7 @@
 
 #include "error.h"
 #include "gguf_model.h"
+#include "kernel_policy.h"
 #include "kv_cache.h"
 
 #include "ggml-backend.h"
@@ -26,6 +27,11 @@ int kv_ggml_type(uint32_t kv_type) {
 
 }  // namespace
 
+bool flash_attn_auto_allowed(ggml_backend_device * device) {
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(device);
+    return reg == nullptr || std::strcmp(ggml_backend_reg_name(reg), "Vulkan") != 0;
+}
+
 uint64_t needed_on_device(const dg_memory_plan & m, bool cpu) { return cpu ? m.total : m.total - m.weights_mapped; }
 
 dg_memory_plan plan_context_memory(const GgufModel & model, const dg_context_params & params) {
@@ -40,7 +46,8 @@ dg_memory_plan plan_context_memory(const GgufModel & model, const dg_context_par
     const int          kv_type = kv_ggml_type(params.kv_type);
     const bool         cpu     = ggml_backend_dev_type(model.device()) == GGML_BACKEND_DEVICE_TYPE_CPU;
     m.n_ctx      = n_ctx;
-    m.flash_attn = params.flash_attn != DG_FLASH_ATTN_OFF;  // AUTO: where the device runs it (see Context)
+    m.flash_attn = params.flash_attn == DG_FLASH_ATTN_ON || kv_type == GGML_TYPE_Q8_0 ||
+                   (params.flash_attn == DG_FLASH_ATTN_AUTO && flash_attn_auto_allowed(model.device()));  // (see Context)
 
     // weights: read in place from the mapping where the device can, else copied (CPU: repacked)
     uint64_t file_bytes = 0;
@@ -84,13 +91,16 @@ dg_memory_plan plan_context_memory(const GgufModel & model, const dg_context_par
     // canvas) the vocabulary-sized tensors at its end: logits, softcapped, processed (+ the stock
     // sampler's temporaries); self-conditioning's softmax of the previous logits at its start.
     const uint64_t encode  = attention(std::min(n_batch, n_ctx), false) + acts(std::min(n_batch, n_ctx));
-    const bool     kernels = cpu && params.cpu_kernels != 0;  // the CPU sampler and softcap kernels
+    // the CPU's sampler kernel (and softcap) keep fewer vocabulary-sized temporaries than stock ops
+    const uint32_t allowed = params.cpu_kernels == DG_CPU_KERNELS_DEFAULT ? cpu_kernels_from_environment() : params.cpu_kernels;
+    const KernelPolicy policy = KernelPolicy::decide(model.device(), allowed);
+    const bool     kernels = policy.sampler;
     const uint64_t vocab   = 4ull * C * hp.n_vocab;          // one [n_vocab, canvas] F32 tensor
     uint64_t       decode  = std::max(attention(C, true) + acts(C), vocab * (kernels ? 4 : 6));
     uint64_t       work    = 0;  // the CPU backend's work buffer (outside the scheduler's)
     if (hp.has_self_conditioning && params.sc_top_k == 0) {
         decode = std::max(decode, vocab + acts(C));
-        if (cpu && table_type != GGML_TYPE_F32) {  // the probabilities in the table's dot type
+        if (cpu && table_type != GGML_TYPE_F32 && !policy.self_cond_mix) {  // ggml's product: the probabilities in the table's dot type
             work = ggml_row_size(table_type == GGML_TYPE_Q8_0 ? GGML_TYPE_Q8_0 : GGML_TYPE_F16, hp.n_vocab) * C;
         }
     }

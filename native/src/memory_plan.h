@@ -6,11 +6,19 @@
 #include "dgemma.h"
 
 #include <cstdint>
+#include <cstring>
 #include <string>
+
+struct ggml_backend_device;
 
 namespace dg {
 
 class GgufModel;
+
+// Whether DG_FLASH_ATTN_AUTO may pick flash attention on `device`: not on Vulkan, where ggml-vulkan
+// 0.15.3's flash attention crashed Mesa's lavapipe in the canvas graph (in the driver's worker
+// thread, the prefill graph running fine; the matmul path runs there). "on" still selects it.
+bool flash_attn_auto_allowed(ggml_backend_device * device);
 
 // `params` as dg_context_new resolves them (n_ctx filled in).
 dg_memory_plan plan_context_memory(const GgufModel & model, const dg_context_params & params);
