@@ -115,7 +115,11 @@ def test_chat_template_exactly_one_bos_and_thinking(model: pydgemma.Model, hf_ti
 
 
 def test_chat_session_reuses_the_cache(model: pydgemma.Model) -> None:
-    session = model.chat(seed=7, max_new_tokens=16)
+    # F32 KV entries: the shared prefix's K/V come from a batch of another length than the fresh
+    # context's, and ggml's stock products (DGEMMA_NO_CPU_KERNELS) may round those differently in
+    # the last bit, which F16 entries can turn into another rounding step and this random model
+    # into other tokens; what is tested is the reuse, not the entries
+    session = model.chat(seed=7, max_new_tokens=16, kv_type="f32")
     first = session.send("Hello")
     second = session.send("Tell me more")
     assert first.timings["reused_prefix_tokens"] == 0
@@ -126,6 +130,6 @@ def test_chat_session_reuses_the_cache(model: pydgemma.Model) -> None:
     shared = next(i for i, (a, b) in enumerate(zip(p1, p2)) if a != b)
     assert shared > 10 and second.timings["reused_prefix_tokens"] == shared
     # and the answer is the one a fresh context gives for the whole conversation
-    fresh = model.generate(session.messages[:-1], max_new_tokens=16, seed=7)
+    fresh = model.generate(session.messages[:-1], max_new_tokens=16, seed=7, kv_type="f32")
     assert fresh.tokens == second.tokens
     assert [t.role for t in session.history] == ["user", "assistant", "user", "assistant"]
