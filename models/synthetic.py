@@ -528,7 +528,8 @@ def synthetic(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from pydgemma.cli_runner import phase_progress
 
     if dry_run:
         tensors = plan(preset, mix, seed)
@@ -542,17 +543,7 @@ def synthetic(
         return
     if output is None:
         raise SyntheticError("give the output file (-o), or --dry-run")
-    console = Console(stderr=True)
-    show = not quiet and console.is_terminal
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=console, disable=not show) as bar:
-        tasks: dict[str, int] = {}
-
-        def report(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done)
-
+    with phase_progress(not quiet and Console(stderr=True).is_terminal) as report:
         result = write(preset, mix, output, seed=seed, overwrite=force, progress=report)
     if not quiet:
         types = ", ".join(f"{n} {name.lower()}" for name, n in sorted(result.type_counts.items()))

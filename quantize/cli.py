@@ -11,9 +11,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from pydgemma.cli_runner import phase_progress
 
 from .checkpoint import CheckpointError
 from .convert import ConversionError
@@ -76,18 +77,8 @@ def convert(
     """
     from .convert import convert as run_convert
 
-    console = Console(stderr=True)
     started = time.monotonic()
-    show = not quiet and console.is_terminal
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=console, disable=not show, transient=False) as bar:
-        tasks: dict[str, int] = {}
-
-        def report(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done)
-
+    with phase_progress(not quiet and Console(stderr=True).is_terminal) as report:
         result = run_convert(source, output, out_type=out_type, overwrite=force, progress=report)
     if quiet:
         return
@@ -131,18 +122,8 @@ def quantize_cmd(
         overrides = [parse_override(spec) for spec in tensor_type]
     except ValueError as exc:
         raise ConversionError(str(exc)) from exc
-    console = Console(stderr=True)
     started = time.monotonic()
-    show = not quiet and not dry_run and console.is_terminal
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=console, disable=not show) as bar:
-        tasks: dict[str, int] = {}
-
-        def report(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done)
-
+    with phase_progress(not quiet and not dry_run and Console(stderr=True).is_terminal) as report:
         result = quantize(source, output, mix=mix, overrides=overrides, n_threads=threads, overwrite=force,
                           dry_run=dry_run, progress=report, imatrix=imatrix)
     out = Console()

@@ -81,13 +81,7 @@ Context::Context(const GgufModel & model, const dg_context_params & params) : mo
         fail(DG_ERR_UNSUPPORTED, format("a vocabulary of %u tokens is more than the step loop's float ids hold (2^24)", hp.n_vocab));
     }
 
-    switch (params.kv_type) {
-        case DG_KV_F16: kv_type_ = GGML_TYPE_F16; break;
-        case DG_KV_F32: kv_type_ = GGML_TYPE_F32; break;
-        case DG_KV_Q8_0: kv_type_ = GGML_TYPE_Q8_0; break;
-        default:
-            fail(DG_ERR_INVALID_ARG, format("kv_type = %u is not a KV cache type (F16 = 0, F32 = 1, Q8_0 = 2)", params.kv_type));
-    }
+    kv_type_ = kv_ggml_type(params.kv_type);
     if (params.flash_attn > DG_FLASH_ATTN_OFF) {
         fail(DG_ERR_INVALID_ARG, format("flash_attn = %u is not auto (0), on (1) or off (2)", params.flash_attn));
     }

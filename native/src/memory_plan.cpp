@@ -16,6 +16,8 @@ namespace {
 
 std::string gib(uint64_t bytes) { return format("%.2f GiB", static_cast<double>(bytes) / (1ull << 30)); }
 
+}  // namespace
+
 int kv_ggml_type(uint32_t kv_type) {
     switch (kv_type) {
         case DG_KV_F32: return GGML_TYPE_F32;
@@ -25,7 +27,6 @@ int kv_ggml_type(uint32_t kv_type) {
     }
 }
 
-}  // namespace
 
 bool flash_attn_auto_allowed(ggml_backend_device * device) {
     ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(device);

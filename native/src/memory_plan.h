@@ -15,6 +15,9 @@ namespace dg {
 
 class GgufModel;
 
+// The ggml_type of a dg_kv_type; an invalid-argument error for any other value.
+int kv_ggml_type(uint32_t kv_type);
+
 // Whether DG_FLASH_ATTN_AUTO may pick flash attention on `device`: not on Vulkan, where ggml-vulkan
 // 0.15.3's flash attention crashed Mesa's lavapipe in the canvas graph (in the driver's worker
 // thread, the prefill graph running fine; the matmul path runs there). "on" still selects it.
