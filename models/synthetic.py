@@ -30,7 +30,7 @@ import threading
 import time
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, TypeVar
 
@@ -38,8 +38,8 @@ import gguf
 import numpy as np
 import typer
 
-from pydgemma.quantize.convert import (ConversionError, PlannedTensor, ProgressFn, atomic_output, rope_freqs,
-                                       validate_output, write_arch_metadata, write_gguf)
+from pydgemma.quantize.convert import (ConversionError, PlannedTensor, ProgressFn, check_split_max_size, check_targets,
+                                       output_paths, parse_size, rope_freqs, write_arch_metadata, write_model)
 from pydgemma.quantize.hf_config import ArchParams
 from pydgemma.quantize.policy import MIXES, Q, choose
 from pydgemma.quantize.tensor_map import expected_tensors
@@ -404,6 +404,7 @@ class SyntheticResult:
     n_bytes: int  # of the whole file
     type_counts: dict[str, int]
     seconds: float
+    parts: list[Path] = field(default_factory=list)  # the files written: [path], or the parts of a split
 
 
 def planned_bytes(tensors: list[SyntheticTensor]) -> int:
@@ -433,15 +434,21 @@ def write(
     overwrite: bool = False,
     progress: ProgressFn | None = None,
     chunk_bytes: int = 32 * 1024 * 1024,
+    split_max_size: int | None = None,
 ) -> SyntheticResult:
     """Writes a random `preset` model in `mix` (Q4_K_M, Q8_0, NVFP4, F16, ... : quantize.policy.MIXES) to
-    `output`, atomically, and checks it with the native loader. Raises SyntheticError (one line)."""
+    `output`, atomically, and checks it with the native loader; with `split_max_size` (bytes of tensor
+    data per file) as llama.cpp's gguf-split parts. Raises SyntheticError (one line)."""
     started = time.monotonic()
     p, m = _as_preset(preset), _mix(mix)
+    try:
+        check_split_max_size(split_max_size)
+    except ConversionError as exc:
+        raise SyntheticError(str(exc)) from None
     out_path = Path(output)
     if out_path.is_dir():
         raise SyntheticError(f"'{out_path}' is a folder; give the path of the .gguf file to write")
-    if out_path.exists() and not overwrite:
+    if out_path.exists() and not overwrite and split_max_size is None:
         raise SyntheticError(f"'{out_path}' already exists; use --force (overwrite=True) to replace it")
     folder = _existing_ancestor(out_path)
     if not folder.is_dir():
@@ -451,6 +458,10 @@ def write(
     tensors = plan(p, m, seed)
     a = tensors[0].arch
     assert a is not None
+    try:
+        check_targets(output_paths(out_path, tensors, split_max_size), overwrite)
+    except ConversionError as exc:
+        raise SyntheticError(str(exc)) from None
     free = _free_bytes(out_path)
     needed = planned_bytes(tensors) + 64 * 1024 * 1024  # the tensors and, generously, the metadata
     if 0 <= free < needed:
@@ -466,9 +477,7 @@ def write(
         return memoryview(rows).cast("B")
 
     try:
-        with atomic_output(out_path) as tmp:
-            write_gguf(tmp, tensors, write_metadata, already_encoded, progress, chunk_bytes)
-            validate_output(tmp, tensors)
+        parts = write_model(out_path, tensors, write_metadata, already_encoded, progress, chunk_bytes, split_max_size)
     except ConversionError as exc:
         raise SyntheticError(str(exc)) from exc
     except OSError as exc:
@@ -476,7 +485,8 @@ def write(
     counts: dict[str, int] = {}
     for t in tensors:
         counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
-    return SyntheticResult(out_path, p, m, len(tensors), out_path.stat().st_size, counts, time.monotonic() - started)
+    return SyntheticResult(parts[0], p, m, len(tensors), sum(f.stat().st_size for f in parts), counts,
+                           time.monotonic() - started, parts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -524,6 +534,9 @@ def synthetic(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="The .gguf file to write.", show_default=False),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same file."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor, type, bytes) and write nothing."),
+    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Write llama.cpp gguf-split parts of at "
+                                                 "most this much tensor data each (40G, 500M, 1.5G, 2GiB or bytes): "
+                                                 "-o out.gguf writes out-00001-of-0000N.gguf, ...", show_default=False),
     force: bool = typer.Option(False, "--force", "-f", help="Replace OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
@@ -543,11 +556,16 @@ def synthetic(
         return
     if output is None:
         raise SyntheticError("give the output file (-o), or --dry-run")
+    try:
+        split = parse_size(split_max_size) if split_max_size is not None else None
+    except ConversionError as exc:
+        raise SyntheticError(str(exc)) from None
     with phase_progress(not quiet and Console(stderr=True).is_terminal) as report:
-        result = write(preset, mix, output, seed=seed, overwrite=force, progress=report)
+        result = write(preset, mix, output, seed=seed, overwrite=force, progress=report, split_max_size=split)
     if not quiet:
         types = ", ".join(f"{n} {name.lower()}" for name, n in sorted(result.type_counts.items()))
-        typer.echo(f"wrote {result.path}: {result.preset.name} {result.mix}, {result.n_tensors} tensors ({types}), "
+        where = result.path if len(result.parts) == 1 else f"{len(result.parts)} parts, {result.path} ..."
+        typer.echo(f"wrote {where}: {result.preset.name} {result.mix}, {result.n_tensors} tensors ({types}), "
                    f"{result.n_bytes / 2**30:.2f} GiB, {result.seconds:.1f} s")
 
 

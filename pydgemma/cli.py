@@ -49,7 +49,21 @@ def _root(
       pydgemma info -m model.gguf            check a model file and describe it
 
       pydgemma info -m model.gguf --json     the same, as JSON for scripts
+
+      pydgemma run -m ORG/REPO:Q4_K_M -p hi  a model from the Hugging Face Hub
+
+      pydgemma pull ORG/REPO:Q8_0            download it only (see: pydgemma list)
     """
+
+
+MODEL_HELP = ("A DiffusionGemma .gguf file (a split one by its first part), or a model on the Hugging Face Hub: "
+              "org/repo[:QUANT][@revision] (e.g. unsloth/diffusiongemma-26B-A4B-it-GGUF:Q4_K_M), downloaded once "
+              "into the Hugging Face cache.")
+OFFLINE_HELP = "Use the Hugging Face cache only, never the network (as HF_HUB_OFFLINE=1 does)."
+
+
+def _offline(flag: bool) -> bool | None:
+    return True if flag else None  # None: $HF_HUB_OFFLINE decides
 
 
 def _human_bytes(n: int) -> str:
@@ -74,6 +88,7 @@ def _info_dict(model, device_list) -> dict:
     return {
         "path": os.path.abspath(model.path),
         "file_size": model.file_size,
+        "split_parts": int(model.metadata.get("split.count", 1) or 1),
         "architecture": model.architecture,
         "name": model.name,
         "hparams": dict(model.hparams),
@@ -93,7 +108,8 @@ def _info_dict(model, device_list) -> dict:
 def _print_info(info: dict) -> None:
     con = _stdout
     con.print(f"[bold]{info['name']}[/bold]  {info['path']}")
-    con.print(f"architecture {info['architecture']}, {info['tensor_count']} tensors, {_human_bytes(info['file_size'])}")
+    parts = f" in {info['split_parts']} parts (gguf-split)" if info["split_parts"] > 1 else ""
+    con.print(f"architecture {info['architecture']}, {info['tensor_count']} tensors, {_human_bytes(info['file_size'])}{parts}")
 
     hp = Table(title="hyper-parameters", show_header=False, title_justify="left")
     hp.add_column("key", style="cyan")
@@ -138,8 +154,9 @@ def _layer_pattern_from(info: dict) -> str:
 
 @app.command()
 def info(
-    model: Path = typer.Option(..., "--model", "-m", help="A DiffusionGemma .gguf file.", show_default=False),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP, show_default=False),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
     device: str = typer.Option("auto", "--device", "-d", help="'auto' (first GPU, else CPU), 'cpu', or a device name."),
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=1, help="Plan the memory of a context of this many "
                                         "tokens (default: min(4096, the model's))."),
@@ -156,12 +173,14 @@ def info(
 
       pydgemma info -m model.gguf --n-ctx 131072 --kv-type q8_0 --device CUDA0
 
+      pydgemma info -m unsloth/diffusiongemma-26B-A4B-it-GGUF:Q4_K_M --n-ctx 32768
+
     Exits with status 1 and a one-line reason if the file is not a valid DiffusionGemma GGUF.
     """
     from .devices import devices
     from .model import Model
 
-    with Model(model, device=device) as m:
+    with Model(model, device=device, offline=_offline(offline)) as m:
         data = _info_dict(m, devices())
         data["memory_plan"] = m.plan_memory(n_ctx, kv_type=kv_type, sc_top_k=sc_top_k)
     if json_output:
@@ -197,9 +216,9 @@ def _print_plan(plan: dict) -> None:
 
 @app.command()
 def run(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", show_default=False,
-                                         help="A DiffusionGemma .gguf file. Default: the bundled demo model, a tiny "
-                                              "DiffusionGemma that solves 4x4 Sudoku."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", show_default=False,
+                                        help=MODEL_HELP + " Default: the bundled demo model, a tiny DiffusionGemma "
+                                             "that solves 4x4 Sudoku."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt (one user turn). '-' reads stdin. "
                                          "With the demo model and no prompt: a sample puzzle."),
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Chat: a prompt per line, history kept."),
@@ -217,6 +236,7 @@ def run(
                                  "k likeliest tokens (faster; changes the output). 0 = exact."),
     kv_type: str = typer.Option("f16", "--kv-type", help="KV cache entries: f16 (default), f32 (exact), q8_0 "
                                 "(half of f16's memory; flash attention). See 'pydgemma info --n-ctx'."),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
 ) -> None:
     """Generate text from a prompt, or chat with -i. With no model, the bundled demo solves a Sudoku.
 
@@ -225,6 +245,8 @@ def run(
       pydgemma run                       the demo: a 4x4 Sudoku solved by diffusion (add --visual)
 
       pydgemma run -m model.gguf -p "Write a haiku about rivers"
+
+      pydgemma run -m unsloth/diffusiongemma-26B-A4B-it-GGUF:Q4_K_M -p "hi"   (downloads ~16 GB once)
 
       pydgemma run -m model.gguf -p "hi" --seed 3 --json
 
@@ -245,7 +267,7 @@ def run(
         raise typer.BadParameter("give a prompt with -p, or chat with -i", param_hint="'--prompt'")
     if prompt == "-":
         prompt = sys.stdin.read()
-    m = Model(model, device=device, n_threads=threads)
+    m = Model(model, device=device, n_threads=threads, offline=_offline(offline))
     options = {"seed": seed if seed is not None else random.randrange(2**63), "max_steps": steps,
                "max_new_tokens": max_tokens or m.hparams["canvas_length"]}
     if sc_top_k:
@@ -295,7 +317,7 @@ def demo(
 
 @app.command()
 def bench(
-    model: Path = typer.Option(..., "--model", "-m", help="A DiffusionGemma .gguf file.", show_default=False),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP, show_default=False),
     prompt_tokens: int = typer.Option(64, "--prompt-tokens", help="Random prompt length."),
     canvases: int = typer.Option(1, "--canvases", help="Canvases to generate in the end-to-end run."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps per canvas (default: the model's)."),
@@ -306,6 +328,7 @@ def bench(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
     sc_top_k: int = typer.Option(0, "--sc-top-k", min=0, help="Measure APPROXIMATE self-conditioning over each "
                                  "position's k likeliest tokens. 0 = exact."),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
 ) -> None:
     """Measure prefill speed, the cost of one denoising step and a whole generation on this machine.
 
@@ -318,14 +341,14 @@ def bench(
     from .bench import run_bench
     from .model import Model
 
-    m = Model(model, device=device, n_threads=threads)
+    m = Model(model, device=device, n_threads=threads, offline=_offline(offline))
     r = run_bench(m, prompt_tokens=prompt_tokens, canvases=canvases, steps=steps, fixed_steps=fixed_steps, repeat=repeat,
                   sc_top_k=sc_top_k)
     if json_output:
         typer.echo(json.dumps(r, indent=2))
         return
     d, g = r["denoise_step"], r["generation"]
-    table = Table(title=f"{Path(model).name} on {m.device}, {m.n_threads} threads", title_justify="left")
+    table = Table(title=f"{Path(m.path).name} on {m.device}, {m.n_threads} threads", title_justify="left")
     table.add_column("figure", style="cyan")
     table.add_column("value", justify="right")
     table.add_row("prefill", f"{r['prefill_tok_per_s']:.1f} tok/s ({r['prompt_tokens']} tokens)")
@@ -361,8 +384,8 @@ def bench(
 
 @app.command()
 def serve(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", show_default=False,
-                                         help="A DiffusionGemma .gguf file. Default: the bundled demo model."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", show_default=False,
+                                        help=MODEL_HELP + " Default: the bundled demo model."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback unless told otherwise; "
                              "0.0.0.0 for every interface)."),
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port to listen on."),
@@ -379,6 +402,7 @@ def serve(
                                  "k likeliest tokens (faster; changes the output). 0 = exact."),
     kv_type: str = typer.Option("f16", "--kv-type", help="KV cache entries: f16 (default), f32 (exact), q8_0 "
                                 "(half of f16's memory; flash attention). See 'pydgemma info --n-ctx'."),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a page at / that shows the canvas settle.
 
@@ -402,7 +426,9 @@ def serve(
     _require()
     from .server.app import ServerConfig
 
-    path = model if model is not None else demo_model_path()
+    from .hub import resolve_model
+
+    path = resolve_model(model, offline=_offline(offline)) if model is not None else demo_model_path()
     if not Path(path).is_file():
         raise PydgemmaError(f"no such model file: {path}", "DG_ERR_IO")
     config = ServerConfig(model_path=str(path), n_ctx=n_ctx, device=device, threads=threads, think=think,
@@ -414,6 +440,64 @@ def serve(
 
     run_server(config, host=host, port=port, on_ready=ready,
                on_loaded=lambda: typer.echo(f"model loaded: {Path(path).name}; ready", err=True))
+
+
+@app.command()
+def pull(
+    model: str = typer.Argument(..., help="org/repo[:QUANT][@revision], e.g. unsloth/diffusiongemma-26B-A4B-it-GGUF:Q4_K_M.",
+                                show_default=False),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Download a model from the Hugging Face Hub into its cache and print the local path.
+
+    QUANT picks the GGUF file whose name holds that tag (case-insensitive: Q4_K_M, q8_0, BF16);
+    without one, the repository's only model, else its Q4_K_M. A split model is downloaded whole
+    and its first part printed. An interrupted download continues where it stopped when the same
+    command is run again. HF_TOKEN (or 'hf auth login') is used for gated and private repos;
+    HF_ENDPOINT and HF_HUB_CACHE are honoured.
+
+    Examples:
+
+      pydgemma pull unsloth/diffusiongemma-26B-A4B-it-GGUF:Q4_K_M
+
+      pydgemma run -m "$(pydgemma pull unsloth/diffusiongemma-26B-A4B-it-GGUF:Q8_0)" -p "hi"
+    """
+    from .cli_runner import phase_progress
+    from .hub import HubError, fetch, parse_ref
+
+    ref = parse_ref(model)
+    if ref is None:
+        raise HubError(f"'{model}' is not a Hub reference (org/repo[:QUANT][@revision])")
+    with phase_progress(not quiet) as report:
+        paths = fetch(ref, offline=False, progress=report)
+    typer.echo(str(paths[0]))
+
+
+@app.command("list")
+def list_models(
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON array."),
+) -> None:
+    """List the DiffusionGemma GGUF models in the Hugging Face cache ($HF_HUB_CACHE), with their sizes
+    and types. Each can be run by its reference, e.g. 'pydgemma run -m org/repo:Q4_K_M --offline'."""
+    from .hub import cache_dir, cached_models
+
+    models = cached_models()
+    if json_output:
+        typer.echo(json.dumps([m.to_dict() for m in models], indent=2))
+        return
+    if not models:
+        typer.echo(f"no DiffusionGemma models in the Hugging Face cache ({cache_dir()}); get one with "
+                   "'pydgemma pull org/repo:QUANT'")
+        return
+    table = Table(title=f"DiffusionGemma models in {cache_dir()}", title_justify="left")
+    for col in ("model", "type", "size", "file", "revision"):
+        table.add_column(col, style="cyan" if col == "model" else None, justify="right" if col == "size" else "left")
+    for m in models:
+        parts = f" ({m.parts_present}/{m.parts} parts)" if m.parts > 1 else ""
+        incomplete = " [red]incomplete[/]" if m.parts_present < m.parts else ""
+        table.add_row(m.ref, m.file_type or "?", _human_bytes(m.size), m.file + parts + incomplete,
+                      ", ".join(m.revisions) or m.commit[:12])
+    _stdout.print(table)
 
 
 def main() -> None:

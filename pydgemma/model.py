@@ -91,6 +91,11 @@ class Model:
     GPU, else CPU), ``"cpu"``, or a device name from :func:`pydgemma.devices`. ``repack`` (CPU
     only) lets ggml re-lay out the quantized matmul weights it has tiled kernels for (Q4_0, Q4_K,
     IQ4_NL, ... on x86): faster, at the price of copying those weights out of the file mapping.
+
+    ``path`` may also name a model on the Hugging Face Hub, ``"org/repo[:QUANT][@revision]"``
+    (e.g. ``"unsloth/diffusiongemma-26B-A4B-it-GGUF:Q4_K_M"``): it is downloaded into the Hugging
+    Face cache, or read from there when ``offline`` (default: ``$HF_HUB_OFFLINE``). See
+    :mod:`pydgemma.hub`. A split GGUF is opened by its first part.
     """
 
     def __init__(
@@ -101,9 +106,12 @@ class Model:
         device: str = "auto",
         use_mmap: bool = True,
         repack: bool = True,
+        offline: bool | None = None,
     ) -> None:
+        from .hub import resolve_model
+
         self._handle = None
-        self.path = os.fspath(path)
+        self.path = resolve_model(path, offline=offline)
         if n_threads is not None and n_threads < 1:
             raise ModelError(f"n_threads must be at least 1, got {n_threads}", "DG_ERR_INVALID_ARG")
         nat = native()

@@ -196,27 +196,27 @@ def tensors_equal(a: TensorEntry, b: TensorEntry) -> tuple[bool, float]:
     return worst == 0.0, worst
 
 
-def resolve_checkpoint_dir(spec: str | os.PathLike[str]) -> Path:
-    """A local folder, or a Hugging Face repo id ("org/name[@revision]") already in the local hub
-    cache ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub). Never touches the network."""
+def checkpoint_name(source: str | os.PathLike[str], folder: Path) -> str:
+    """The model's name when its config has none: a repo's name, else the folder's."""
+    from pydgemma.hub import is_hub_ref, parse_ref
+
+    ref = parse_ref(os.fspath(source)) if is_hub_ref(source) else None
+    return ref.repo.split("/")[-1] if ref is not None else folder.name
+
+
+def resolve_checkpoint_dir(spec: str | os.PathLike[str], *, offline: bool | None = None) -> Path:
+    """A local folder, or a Hugging Face repo id ("org/name[@revision]"): its safetensors, config
+    and tokenizer files downloaded into the Hugging Face cache (resumable), or found there when
+    offline (`offline`, default $HF_HUB_OFFLINE). See pydgemma.hub."""
+    from pydgemma.hub import HubError, fetch_checkpoint, parse_ref
+
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    text = str(spec)
-    repo, _, revision = text.partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise CheckpointError(f"checkpoint folder '{spec}' does not exist")
-    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub"
-    )
-    repo_dir = Path(cache) / ("models--" + repo.replace("/", "--"))
-    revision = revision or "main"
-    ref = repo_dir / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
-    snapshot = repo_dir / "snapshots" / commit
-    if not snapshot.is_dir():
-        raise CheckpointError(
-            f"'{spec}' is neither a folder nor a repo in the local Hugging Face cache ({repo_dir}); "
-            f"download it first, e.g. 'hf download {repo}'"
-        )
-    return snapshot
+    try:
+        ref = parse_ref(str(spec))
+        if ref is None:
+            raise CheckpointError(f"checkpoint folder '{spec}' does not exist")
+        return fetch_checkpoint(ref, offline=offline)
+    except HubError as exc:
+        raise CheckpointError(str(exc)) from None

@@ -60,12 +60,20 @@ def _human(n: float) -> str:
 
 @app.command()
 def convert(
-    source: str = typer.Argument(..., help="Checkpoint folder (config.json, *.safetensors, tokenizer files), "
-                                           "or a repo id already in the local Hugging Face cache.", show_default=False),
+    source: str = typer.Argument(..., help="Checkpoint folder (config.json, *.safetensors, tokenizer files), or a "
+                                           "Hugging Face repo id (org/name[@revision]): its files are downloaded into "
+                                           "the Hugging Face cache (resumable), or read from there with HF_HUB_OFFLINE=1.",
+                                 show_default=False),
     output: Path = typer.Option(..., "--output", "-o", help="The .gguf file to write.", show_default=False),
     out_type: Optional[str] = typer.Option(None, "--type", "-t",
                                            help="Weight type: f32, f16, bf16 or q8_0. Default: bf16 for a bf16 "
                                                 "checkpoint, else f16. Norms, scales and the router stay f32."),
+    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Split the output into llama.cpp "
+                                                 "gguf-split parts of at most this much tensor data each: 40G, 500M, "
+                                                 "1.5G, 2GiB or bytes (K, M, G, T: powers of 1000, as llama.cpp's). "
+                                                 "-o out.gguf then writes out-00001-of-0000N.gguf, ...; load the "
+                                                 "first part. A model that fits in one part is written to OUTPUT.",
+                                                 show_default=False),
     force: bool = typer.Option(False, "--force", "-f", help="Replace OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
@@ -76,14 +84,18 @@ def convert(
     OUTPUT is never left half-written.
     """
     from .convert import convert as run_convert
+    from .convert import parse_size
 
+    split = parse_size(split_max_size) if split_max_size is not None else None
     started = time.monotonic()
     with phase_progress(not quiet and Console(stderr=True).is_terminal) as report:
-        result = run_convert(source, output, out_type=out_type, overwrite=force, progress=report)
+        result = run_convert(source, output, out_type=out_type, overwrite=force, progress=report, split_max_size=split)
     if quiet:
         return
     out = Console()
-    out.print(f"wrote {result.path}")
+    out.print(f"wrote {result.path}" if len(result.parts) == 1 else f"wrote {len(result.parts)} parts:")
+    for part in result.parts if len(result.parts) > 1 else []:
+        out.print(f"  {part}  {_human(part.stat().st_size)}")
     table = Table()
     table.add_column("type")
     table.add_column("tensors", justify="right")
@@ -95,7 +107,8 @@ def convert(
 
 @app.command("quantize")
 def quantize_cmd(
-    source: str = typer.Argument(..., help="An F32/F16/BF16 .gguf, or a Hugging Face checkpoint folder (or cached repo id).",
+    source: str = typer.Argument(..., help="An F32/F16/BF16 .gguf (a split one by its first part), a GGUF on the "
+                                 "Hugging Face Hub (org/repo:BF16), or a checkpoint folder or repo id (org/name).",
                                  show_default=False),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="The .gguf file to write.", show_default=False),
     mix: str = typer.Option(..., "--type", "-t", help="Q4_K_M, Q5_K_M, Q6_K, Q8_0, NVFP4, F16 or BF16.", show_default=False),
@@ -106,6 +119,12 @@ def quantize_cmd(
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="An importance matrix (from 'pydgemma-quantize imatrix' "
                                            "or llama-imatrix, GGUF format): per-tensor weights for the quantizers. "
                                            "Needed by the IQ1/IQ2 types.", show_default=False),
+    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Split the output into llama.cpp "
+                                                 "gguf-split parts of at most this much tensor data each: 40G, 500M, "
+                                                 "1.5G, 2GiB or bytes (K, M, G, T: powers of 1000, as llama.cpp's). "
+                                                 "-o out.gguf then writes out-00001-of-0000N.gguf, ...; load the "
+                                                 "first part. A model that fits in one part is written to OUTPUT.",
+                                                 show_default=False),
     force: bool = typer.Option(False, "--force", "-f", help="Replace OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
@@ -115,6 +134,7 @@ def quantize_cmd(
     not a multiple of 256 (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), NVFP4 where it is not a
     multiple of 64 (-> Q8_0). The output is written atomically, tensor by tensor.
     """
+    from .convert import parse_size
     from .policy import parse_override
     from .quantize import choice_bytes, quantize
 
@@ -122,10 +142,11 @@ def quantize_cmd(
         overrides = [parse_override(spec) for spec in tensor_type]
     except ValueError as exc:
         raise ConversionError(str(exc)) from exc
+    split = parse_size(split_max_size) if split_max_size is not None else None
     started = time.monotonic()
     with phase_progress(not quiet and not dry_run and Console(stderr=True).is_terminal) as report:
         result = quantize(source, output, mix=mix, overrides=overrides, n_threads=threads, overwrite=force,
-                          dry_run=dry_run, progress=report, imatrix=imatrix)
+                          dry_run=dry_run, progress=report, imatrix=imatrix, split_max_size=split)
     out = Console()
     if dry_run:  # plain aligned lines: never truncated, easy to grep
         width = max(len(c.name) for c in result.plan)
@@ -143,12 +164,16 @@ def quantize_cmd(
         summary.add_row(name, str(count), _human(nbytes))
     out.print(summary)
     where = f"wrote {result.path}" if result.path else "dry run: nothing written"
+    if len(result.parts) > 1:
+        where = f"wrote {len(result.parts)} parts"
     out.print(f"{where}: {len(result.plan)} tensors, {_human(result.n_bytes)}, {time.monotonic() - started:.1f} s")
+    for part in result.parts if len(result.parts) > 1 else []:
+        out.print(f"  {part}  {_human(part.stat().st_size)}")
 
 
 @app.command("imatrix")
 def imatrix_cmd(
-    model: Path = typer.Option(..., "--model", "-m", help="The model (.gguf) to calibrate; the unquantized one is best.",
+    model: Path = typer.Option(..., "--model", "-m", help="The model (.gguf, or org/repo:QUANT on the Hugging Face Hub) to calibrate; the unquantized one is best.",
                                show_default=False),
     calibration: Path = typer.Option(..., "--file", "-f", help="Calibration text (UTF-8).", show_default=False),
     output: Path = typer.Option(..., "--output", "-o", help="The imatrix .gguf to write.", show_default=False),
@@ -202,7 +227,7 @@ def imatrix_cmd(
 
 @app.command("drift")
 def drift_cmd(
-    model: Path = typer.Option(..., "--model", "-m", help="The quantized model (.gguf) to measure.", show_default=False),
+    model: Path = typer.Option(..., "--model", "-m", help="The quantized model to measure (.gguf, or org/repo:QUANT on the Hugging Face Hub).", show_default=False),
     ref: Optional[Path] = typer.Option(None, "--ref", help="The reference model (.gguf), e.g. the F32 or BF16 file "
                                        "MODEL was quantized from.", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="The JSON report to write.", show_default=False),
@@ -271,6 +296,8 @@ def drift_cmd(
 
       pydgemma-quantize drift --ref-cache ref.npz -m dg-Q4_K_M.gguf -o q4.json --baseline base.json --baseline-key Q4_K_M
     """
+    from pydgemma.hub import is_hub_ref
+
     from .drift import DriftUsageError, check, load_baseline, measure, read_prompts
     from .drift_report import markdown as render_markdown
     from .drift_report import plot as draw_plot
@@ -279,7 +306,7 @@ def drift_cmd(
     try:
         for path, flag in ((model, "--model"), (ref, "--ref"), (ref_cache, "--ref-cache"), (prompts, "--prompts"),
                            (baseline, "--baseline")):
-            if path is not None and not path.is_file():
+            if path is not None and not path.is_file() and not (flag in ("--model", "--ref") and is_hub_ref(path)):
                 raise DriftUsageError(f"{flag}: no such file '{path}'")
         for path, flag in ((out, "--out"), (markdown, "--markdown"), (plot, "--plot"), (save_ref, "--save-ref")):
             if path is not None and not path.resolve().parent.is_dir():

@@ -205,6 +205,7 @@ def measure(model_path: str | os.PathLike[str], *, ref_path: str | os.PathLike[s
     model's KV cache and self-conditioning table. The reference always runs F32 entries and an F32
     table (exact); so does the measured model by default, so that the drift is the quantization's alone."""
     from pydgemma import Model
+    from pydgemma.hub import resolve_model
 
     if (ref_path is None) == (ref_cache is None):
         raise DriftUsageError("give the reference as --ref REF.gguf or --ref-cache REF.npz (one of them)")
@@ -212,6 +213,8 @@ def measure(model_path: str | os.PathLike[str], *, ref_path: str | os.PathLike[s
         raise DriftUsageError("--save-ref stores a new reference run; it cannot be used with --ref-cache")
     if position_buckets < 1:
         raise DriftUsageError(f"--position-buckets must be at least 1, got {position_buckets}")
+    model_path = resolve_model(model_path)  # org/repo:QUANT: the cached file
+    ref_path = resolve_model(ref_path) if ref_path is not None else None
     with Model(model_path, device=device, n_threads=n_threads) as model:
         if ref_cache is not None:
             cache = _load_cache(ref_cache, model, prompts=prompts, task=task, canvases=canvases,

@@ -4,29 +4,31 @@ quantizers in the native core, tensor by tensor and chunk by chunk, atomically."
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import gguf
 import numpy as np
 
-from .checkpoint import Checkpoint, CheckpointError, resolve_checkpoint_dir, tensors_equal
-from .convert import (ARCH, ConversionError, PlannedTensor, ProgressFn, _write_metadata, atomic_output,
-                      plan_tensors, validate_output, write_gguf)
+from .checkpoint import Checkpoint, CheckpointError, checkpoint_name, resolve_checkpoint_dir, tensors_equal
+from .convert import (ARCH, ConversionError, PlannedTensor, ProgressFn, check_split_max_size, _write_metadata,
+                      check_targets, output_paths, plan_tensors, split_part_paths, write_model)
 from .hf_config import read_arch
 from .imatrix import Imatrix, importance, read_imatrix
 from .policy import MIXES, Choice, Q, choose
 
 SOURCE_TYPES = (Q.F32, Q.F16, Q.BF16)
 SKIPPED_KEYS = {"general.architecture", "general.file_type", "general.alignment"}
+SKIPPED_KEY_PREFIXES = ("GGUF.", "quantize.imatrix.", "split.")  # reader bookkeeping; the source's imatrix and split
 
 
 @dataclass
 class QuantizeResult:
-    path: Path | None  # None for a dry run
+    path: Path | None  # None for a dry run; the first part of a split
     plan: list[Choice]
     n_bytes: int  # of the tensor data
+    parts: list[Path] = field(default_factory=list)  # the files written: [path], or the parts of a split
 
     def type_table(self) -> dict[str, tuple[int, int]]:
         """type name -> (tensors, bytes)."""
@@ -112,8 +114,16 @@ def _plan_from_gguf(path: Path) -> tuple[gguf.GGUFReader, list[PlannedTensor]]:
     arch = reader.fields.get("general.architecture")
     if arch is None or arch.contents() != ARCH:
         raise ConversionError(f"'{path}' is not a {ARCH} GGUF")
+    readers = [reader]
+    count = reader.fields.get("split.count")
+    if count is not None and int(count.contents()) > 1:  # a split model (the loader has checked its parts)
+        for part in split_part_paths(Path(path), int(count.contents()))[1:]:
+            try:
+                readers.append(gguf.GGUFReader(part))
+            except Exception as exc:
+                raise ConversionError(f"cannot read '{part}' as GGUF: {type(exc).__name__}: {exc}") from exc
     plan = []
-    for t in reader.tensors:
+    for t in (t for r in readers for t in r.tensors):
         if t.tensor_type not in SOURCE_TYPES:
             raise ConversionError(f"'{path}': tensor '{t.name}' is {t.tensor_type.name}; quantize from an F32, F16 or "
                                   "BF16 file (or the Hugging Face checkpoint), never from an already quantized one")
@@ -124,12 +134,25 @@ def _plan_from_gguf(path: Path) -> tuple[gguf.GGUFReader, list[PlannedTensor]]:
 
 def _copy_metadata(reader: gguf.GGUFReader, w: gguf.GGUFWriter, file_type: int) -> None:
     for name, field in reader.fields.items():
-        if name in SKIPPED_KEYS or name.startswith(("GGUF.", "quantize.imatrix.")):
+        if name in SKIPPED_KEYS or name.startswith(SKIPPED_KEY_PREFIXES):
             continue
         vtype = gguf.GGUFValueType(field.types[0])
         sub = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(name, field.contents(), vtype, sub_type=sub)
     w.add_file_type(file_type)
+
+
+def _gguf_from_hub(source: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """A hub reference with a tag (org/repo:BF16) names a GGUF to quantize: its local path. Without a
+    tag it names a checkpoint (resolve_checkpoint_dir fetches it)."""
+    from pydgemma.hub import HubError, is_hub_ref, parse_ref, resolve_model
+
+    try:
+        if is_hub_ref(source) and parse_ref(os.fspath(source)).quant:
+            return resolve_model(source)
+    except HubError as exc:
+        raise ConversionError(str(exc)) from None
+    return source
 
 
 def quantize(
@@ -144,22 +167,26 @@ def quantize(
     progress: ProgressFn | None = None,
     chunk_bytes: int = 64 * 1024 * 1024,
     imatrix: str | os.PathLike[str] | Imatrix | None = None,
+    split_max_size: int | None = None,
 ) -> QuantizeResult:
     """Quantizes an HF checkpoint folder or an F32/F16/BF16 GGUF to `mix`. With `dry_run`, only plans.
 
     `imatrix` (an imatrix GGUF, ours or llama-imatrix's, or an `Imatrix`) gives ggml's quantizers
     per-tensor importance weights (in_sum2 / counts; each expert its own); tensors without data are
-    quantized without, and the file records it in the quantize.imatrix.* keys as llama-quantize does."""
+    quantized without, and the file records it in the quantize.imatrix.* keys as llama-quantize does.
+    `split_max_size` (bytes of tensor data per file) writes llama.cpp's gguf-split parts, `output`'s
+    name + -00001-of-0000N.gguf, ... (`parts` of the result). A split source is read from its first part."""
     mix = mix.upper()
     if mix not in MIXES:
         raise ConversionError(f"unknown type '{mix}' (choose from {', '.join(MIXES)})")
     file_type = MIXES[mix][0]
-    src = Path(source)
+    check_split_max_size(split_max_size)
+    src = Path(_gguf_from_hub(source))
     out_path = Path(output) if output is not None else None
     if not dry_run:
         if out_path is None:
             raise ConversionError("give the output file (-o)")
-        if out_path.exists() and not overwrite:
+        if out_path.exists() and not overwrite and split_max_size is None:
             raise ConversionError(f"'{out_path}' already exists; use --force (overwrite=True) to replace it")
     try:
         if src.is_file():
@@ -174,7 +201,7 @@ def quantize(
             for enc, dec in tied_pairs:
                 if not tensors_equal(enc, dec)[0]:
                     raise ConversionError(f"encoder weight '{enc.name}' differs from its decoder twin '{dec.name}'")
-            name = arch.name.rstrip("/").split("/")[-1] or ckpt.folder.name
+            name = arch.name.rstrip("/").split("/")[-1] or checkpoint_name(source, ckpt.folder)
 
             def write_metadata(w: gguf.GGUFWriter) -> None:
                 _write_metadata(w, arch, ckpt, file_type, name)
@@ -205,7 +232,7 @@ def quantize(
     if dry_run:
         return QuantizeResult(None, choices, total)
     assert out_path is not None
-    with atomic_output(out_path) as tmp:
-        write_gguf(tmp, plan, write_metadata, native_encoder(n_threads, weights), progress, chunk_bytes)
-        validate_output(tmp, plan)
-    return QuantizeResult(out_path, choices, total)
+    check_targets(output_paths(out_path, plan, split_max_size), overwrite)
+    parts = write_model(out_path, plan, write_metadata, native_encoder(n_threads, weights), progress, chunk_bytes,
+                        split_max_size)
+    return QuantizeResult(parts[0], choices, total, parts)

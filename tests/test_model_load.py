@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 
 import pydgemma
@@ -113,6 +114,22 @@ def test_no_mmap_load_reads_the_same(tiny_model_path: Path) -> None:
     a = pydgemma.Model(tiny_model_path, use_mmap=True)
     b = pydgemma.Model(tiny_model_path, use_mmap=False)
     assert dict(a.hparams) == dict(b.hparams) and a.tensors == b.tensors and a.metadata == b.metadata
+
+
+@pytest.mark.parametrize("alignment", [None, 16, 8])
+def test_weights_run_read_into_memory_or_from_a_file_of_small_alignment(make_gguf, alignment) -> None:
+    """Without a mapping, or with a general.alignment under ggml's 32 bytes, the weights cannot be a
+    view of the file (ggml aborts on an unaligned host buffer): they are copied, and the logits are
+    the same bits."""
+    base = pydgemma.Model(make_gguf())
+    want = base.context(n_ctx=64)
+    want.prefill(np.arange(10))
+    want = want.denoise(np.arange(16))
+    path = make_gguf(alignment=alignment)
+    for use_mmap in (True, False):
+        ctx = pydgemma.Model(path, use_mmap=use_mmap).context(n_ctx=64)
+        ctx.prefill(np.arange(10))
+        assert np.array_equal(ctx.denoise(np.arange(16)), want)
 
 
 def test_split_experts_and_alternate_self_cond_norm_name(make_gguf) -> None:

@@ -108,7 +108,9 @@ typedef struct dg_model_params {
 
 DG_API dg_model_params dg_model_default_params(void);
 
-/* Opens, maps and validates `path`. On success *out_model owns the file mapping. */
+/* Opens, maps and validates `path`. On success *out_model owns the file mapping. A model split with
+ * llama.cpp's gguf-split is opened by its first part (PREFIX-00001-of-0000N.gguf): every part is
+ * mapped and checked (split.no, split.count, split.tensors.count); the metadata is the first part's. */
 DG_API dg_status dg_model_load(const char * path, const dg_model_params * params, dg_model ** out_model);
 DG_API void      dg_model_free(dg_model * model);
 
@@ -161,7 +163,7 @@ typedef struct dg_tensor_info {
     int32_t      n_dims;
     int64_t      ne[4];           /* GGUF order: ne[0] is the row length */
     uint64_t     n_bytes;
-    uint64_t     file_offset;     /* absolute byte offset of the data in the file */
+    uint64_t     file_offset;     /* absolute byte offset of the data in the file (a split model: its part's) */
 } dg_tensor_info;
 
 DG_API size_t    dg_model_n_tensors(const dg_model * model);
@@ -175,7 +177,7 @@ DG_API const char * dg_model_meta_value(const dg_model * model, size_t index);
 /* The value of `key` rendered as text, or NULL when the key is absent. */
 DG_API const char * dg_model_meta_get(const dg_model * model, const char * key);
 
-/* Size of the file in bytes. */
+/* Size of the file in bytes (a split model: of all its parts). */
 DG_API uint64_t dg_model_file_size(const dg_model * model);
 
 /* ---------------------------------------------------------------------------------------------

@@ -14,11 +14,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <thread>
+
+#include <sys/stat.h>
 
 namespace dg {
 
@@ -280,6 +283,18 @@ std::string prescan_metadata(const uint8_t * data, uint64_t size) {
 
 // ---------------------------------------------------------------------------------------------
 
+GgufModel::Part::~Part() {
+    if (weights_buffer != nullptr) {
+        ggml_backend_buffer_free(weights_buffer);
+    }
+    if (meta_ctx != nullptr) {
+        ggml_free(meta_ctx);
+    }
+    if (gguf != nullptr) {
+        gguf_free(gguf);
+    }
+}
+
 GgufModel::~GgufModel() {
     for (auto & [type, t] : tables_) {
         ggml_backend_buffer_free(t.buffer);
@@ -288,21 +303,11 @@ GgufModel::~GgufModel() {
     if (repack_buffer_ != nullptr) {
         ggml_backend_buffer_free(repack_buffer_);
     }
-    if (weights_buffer_ != nullptr) {
-        ggml_backend_buffer_free(weights_buffer_);
-    }
-    if (meta_ctx_ != nullptr) {
-        ggml_free(meta_ctx_);
-    }
-    if (gguf_ != nullptr) {
-        gguf_free(gguf_);
-    }
 }
 
 std::unique_ptr<GgufModel> GgufModel::load(const std::string & path, const dg_model_params & params) {
     std::unique_ptr<GgufModel> model(new GgufModel());
-    model->file_.open(path, params.use_mmap);
-    model->parse(path);
+    model->open_parts(path, params.use_mmap);
     model->read_hparams();
     model->validate_tensors();
     model->weights_ = resolve_weights(*model);
@@ -325,7 +330,16 @@ const Tokenizer & GgufModel::tokenizer() const {
 }
 
 ggml_tensor * GgufModel::weight(const std::string & name) const {
-    return find_tensor(name) != nullptr ? ggml_get_tensor(meta_ctx_, name.c_str()) : nullptr;
+    const auto it = tensor_index_.find(name);
+    return it == tensor_index_.end() ? nullptr : tensor_meta_[it->second];
+}
+
+uint64_t GgufModel::file_size() const {
+    uint64_t total = 0;
+    for (const auto & part : parts_) {
+        total += part->file.size();
+    }
+    return total;
 }
 
 namespace {
@@ -396,8 +410,9 @@ size_t GgufModel::plan_repack(std::vector<const TensorRecord *> * repacked) cons
     }
     ggml_backend_buffer_t probe = ggml_backend_buft_alloc_buffer(buft, 0);
     size_t total = 0;
-    for (const TensorRecord & t : tensors_) {
-        ggml_tensor * w = ggml_get_tensor(meta_ctx_, t.name.c_str());
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+        const TensorRecord & t = tensors_[i];
+        ggml_tensor * w = tensor_meta_[i];
         if (probe != nullptr && ggml_is_quantized(w->type) && matmul_only_weight(t.name) && runs_from(device_, probe, w)) {
             if (repacked != nullptr) {
                 repacked->push_back(&t);
@@ -413,6 +428,7 @@ size_t GgufModel::plan_repack(std::vector<const TensorRecord *> * repacked) cons
 
 void GgufModel::bind_weights() const {
     std::call_once(bind_once_, [this] {
+        auto meta_of = [this](const TensorRecord & t) { return tensor_meta_[static_cast<size_t>(&t - tensors_.data())]; };
         // Quantized matmul weights ggml has tiled CPU kernels for go to the repack buffer (copied
         // and re-laid out once); everything else stays a zero-copy view of the mapping.
         std::vector<const TensorRecord *> repacked;
@@ -428,56 +444,70 @@ void GgufModel::bind_weights() const {
                 if (repack_buffer_ != nullptr) {
                     ggml_tallocr alloc = ggml_tallocr_new(repack_buffer_);
                     for (const TensorRecord * t : repacked) {
-                        ggml_tensor * w = ggml_get_tensor(meta_ctx_, t->name.c_str());
+                        ggml_tensor * w = meta_of(*t);
                         if (ggml_tallocr_alloc(&alloc, w) != GGML_STATUS_SUCCESS) {
                             fail(DG_ERR_BACKEND, format("cannot place tensor '%s' in %s", t->name.c_str(), ggml_backend_buft_name(buft)));
                         }
                         ggml_backend_tensor_set(w, t->data, 0, t->n_bytes);  // re-lays out the blocks
-                        file_.release(t->data, t->n_bytes);  // the copy is what runs: the mapped pages can go
+                        parts_[t->part]->file.release(t->data, t->n_bytes);  // the copy is what runs: the mapped pages can go
                     }
                     ggml_backend_buffer_set_usage(repack_buffer_, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
                 }
             }
         }
-        auto is_repacked = [this](const TensorRecord & t) {
-            return repack_buffer_ != nullptr && ggml_get_tensor(meta_ctx_, t.name.c_str())->buffer == repack_buffer_;
+        auto is_repacked = [&](const TensorRecord & t) {
+            return repack_buffer_ != nullptr && meta_of(t)->buffer == repack_buffer_;
         };
-        const uint64_t data_offset = gguf_get_data_offset(gguf_);
-        const uint64_t data_size   = file_.size() - data_offset;
-        uint64_t       max_tensor  = 0;
-        for (const TensorRecord & t : tensors_) {
-            max_tensor = std::max(max_tensor, t.n_bytes);
-        }
         ggml_backend_dev_props props{};
         ggml_backend_dev_get_props(device_, &props);
-        uint8_t * base = const_cast<uint8_t *>(file_.data()) + data_offset;  // ggml never writes weights
-        if (props.caps.buffer_from_host_ptr) {
-            weights_buffer_ = ggml_backend_dev_buffer_from_host_ptr(device_, base, data_size, max_tensor);
-        }
-        if (weights_buffer_ != nullptr) {
+        // Each file of the model is its own buffer: a view of its mapped data section, or an upload.
+        for (uint32_t ip = 0; ip < parts_.size(); ++ip) {
+            const Part & part = *parts_[ip];
+            uint64_t max_tensor = 0;
+            bool     any        = false;
             for (const TensorRecord & t : tensors_) {
-                if (is_repacked(t)) {
-                    continue;
-                }
-                ggml_tensor * w = ggml_get_tensor(meta_ctx_, t.name.c_str());
-                if (ggml_backend_tensor_alloc(weights_buffer_, w, base + (t.file_offset - data_offset)) != GGML_STATUS_SUCCESS) {
-                    fail(DG_ERR_BACKEND, format("cannot place tensor '%s' on %s", t.name.c_str(), device_name_.c_str()));
+                if (t.part == ip && !is_repacked(t)) {
+                    max_tensor = std::max(max_tensor, t.n_bytes);
+                    any        = true;
                 }
             }
-        } else {
-            weights_buffer_ = ggml_backend_alloc_ctx_tensors_from_buft(meta_ctx_, ggml_backend_dev_buffer_type(device_));
-            if (weights_buffer_ == nullptr) {
-                fail(DG_ERR_OUT_OF_MEMORY, format("cannot allocate %.2f GiB for the weights on %s",
-                                                  static_cast<double>(data_size) / (1ull << 30), device_name_.c_str()));
+            if (!any) {
+                continue;  // e.g. a split's metadata-only first part, or every weight repacked
             }
-            for (const TensorRecord & t : tensors_) {
-                if (!is_repacked(t)) {
-                    ggml_backend_tensor_set(ggml_get_tensor(meta_ctx_, t.name.c_str()), t.data, 0, t.n_bytes);
-                    file_.release(t.data, t.n_bytes);  // uploaded: the host's mapped pages can go
+            const uint64_t data_offset = gguf_get_data_offset(part.gguf);
+            const uint64_t data_size   = part.file.size() - data_offset;  // parse_part checked the data lies inside
+            uint8_t * base = const_cast<uint8_t *>(part.file.data()) + data_offset;  // ggml never writes weights
+            // A view needs the data section as aligned as the device's own buffers: a file written
+            // with a smaller general.alignment is uploaded (copied) instead.
+            const size_t align = ggml_backend_buft_get_alignment(ggml_backend_dev_buffer_type(device_));
+            const bool aligned = reinterpret_cast<uintptr_t>(base) % align == 0 && gguf_get_alignment(part.gguf) % align == 0;
+            if (props.caps.buffer_from_host_ptr && aligned) {
+                part.weights_buffer = ggml_backend_dev_buffer_from_host_ptr(device_, base, data_size, max_tensor);
+            }
+            if (part.weights_buffer != nullptr) {
+                for (const TensorRecord & t : tensors_) {
+                    if (t.part != ip || is_repacked(t)) {
+                        continue;
+                    }
+                    if (ggml_backend_tensor_alloc(part.weights_buffer, meta_of(t), base + (t.file_offset - data_offset)) != GGML_STATUS_SUCCESS) {
+                        fail(DG_ERR_BACKEND, format("cannot place tensor '%s' on %s", t.name.c_str(), device_name_.c_str()));
+                    }
+                }
+            } else {
+                part.weights_buffer = ggml_backend_alloc_ctx_tensors_from_buft(part.meta_ctx, ggml_backend_dev_buffer_type(device_));
+                if (part.weights_buffer == nullptr) {
+                    fail(DG_ERR_OUT_OF_MEMORY, format("cannot allocate %.2f GiB for the weights on %s",
+                                                      static_cast<double>(data_size) / (1ull << 30), device_name_.c_str()));
+                }
+                for (const TensorRecord & t : tensors_) {
+                    if (t.part == ip && !is_repacked(t)) {
+                        ggml_backend_tensor_set(meta_of(t), t.data, 0, t.n_bytes);
+                        part.file.release(t.data, t.n_bytes);  // uploaded: the host's mapped pages can go
+                    }
                 }
             }
+            ggml_backend_buffer_set_usage(part.weights_buffer, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
         }
-        ggml_backend_buffer_set_usage(weights_buffer_, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
     });
 }
 
@@ -491,36 +521,159 @@ const MetaRecord * GgufModel::find_meta(const std::string & key) const {
     return it == meta_index_.end() ? nullptr : &meta_[it->second];
 }
 
-void GgufModel::parse(const std::string & path) {
-    static const char kMagic[4] = {'G', 'G', 'U', 'F'};
-    if (file_.size() < sizeof(kMagic) || std::memcmp(file_.data(), kMagic, sizeof(kMagic)) != 0) {
-        fail(DG_ERR_FORMAT, format("not a GGUF file: '%s' does not start with the GGUF magic", path.c_str()));
-    }
+namespace {
 
-    const std::string header_problem = prescan_metadata(file_.data(), file_.size());
-    if (!header_problem.empty()) {
-        fail(DG_ERR_FORMAT, format("invalid GGUF file '%s': %s", path.c_str(), header_problem.c_str()));
-    }
-    {
-        LogCapture capture;
-        gguf_init_params gp{};
-        gp.no_alloc = true;
-        gp.ctx      = &meta_ctx_;
-        gguf_ = gguf_init_from_buffer(file_.data(), static_cast<size_t>(file_.size()), gp);
-        if (gguf_ == nullptr) {
-            std::string why = capture.first_line();
-            if (why.empty()) {
-                why = "unreadable header";
-            }
-            fail(DG_ERR_FORMAT, format("invalid GGUF file '%s': %s", path.c_str(), why.c_str()));
+// llama.cpp's gguf-split keys: every part has all three (its 0-based index, the number of parts,
+// the tensors of all the parts together).
+constexpr const char * kSplitNo      = "split.no";
+constexpr const char * kSplitCount   = "split.count";
+constexpr const char * kSplitTensors = "split.tensors.count";
+
+struct SplitKeys {
+    bool     present   = false;
+    uint32_t no        = 0;
+    uint32_t count     = 0;
+    int64_t  n_tensors = 0;
+};
+
+// The split.* keys of a file, type-checked; `where` names the file in messages.
+SplitKeys read_split_keys(const gguf_context * g, const std::string & where) {
+    const char *    names[3] = {kSplitNo, kSplitCount, kSplitTensors};
+    const gguf_type types[3] = {GGUF_TYPE_UINT16, GGUF_TYPE_UINT16, GGUF_TYPE_INT32};
+    int64_t         ids[3];
+    int             n_found = 0;
+    for (int k = 0; k < 3; ++k) {
+        ids[k] = gguf_find_key(g, names[k]);
+        if (ids[k] < 0) {
+            continue;
+        }
+        ++n_found;
+        if (gguf_get_kv_type(g, ids[k]) != types[k]) {
+            fail(DG_ERR_FORMAT, format("%s: key '%s' has type %s, expected %s", where.c_str(), names[k],
+                                       type_label(g, ids[k]).c_str(), gguf_type_name(types[k])));
         }
     }
+    SplitKeys out;
+    if (n_found == 0) {
+        return out;
+    }
+    for (int k = 0; k < 3; ++k) {
+        if (ids[k] < 0) {
+            fail(DG_ERR_FORMAT, format("%s: has split.* keys but no '%s'", where.c_str(), names[k]));
+        }
+    }
+    out.present   = true;
+    out.no        = gguf_get_val_u16(g, ids[0]);
+    out.count     = gguf_get_val_u16(g, ids[1]);
+    out.n_tensors = gguf_get_val_i32(g, ids[2]);
+    if (out.count == 0) {
+        fail(DG_ERR_FORMAT, format("%s: split.count is 0", where.c_str()));
+    }
+    if (out.no >= out.count) {
+        fail(DG_ERR_FORMAT, format("%s: split.no is %u but split.count is %u (split.no counts from 0)", where.c_str(),
+                                   out.no, out.count));
+    }
+    if (out.n_tensors < 0) {
+        fail(DG_ERR_FORMAT, format("%s: split.tensors.count is %lld", where.c_str(), static_cast<long long>(out.n_tensors)));
+    }
+    return out;
+}
+
+// "PREFIX-00002-of-00003.gguf" -> PREFIX, 2, 3 (gguf-split's "%s-%05d-of-%05d.gguf").
+bool parse_split_name(const std::string & path, std::string * prefix, uint32_t * no, uint32_t * count) {
+    static const char kTail[] = "-NNNNN-of-NNNNN.gguf";
+    const size_t n = sizeof(kTail) - 1;
+    if (path.size() < n) {
+        return false;
+    }
+    const char * tail = path.c_str() + path.size() - n;
+    uint32_t     a = 0, b = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const char c = tail[i];
+        if (kTail[i] == 'N') {
+            if (c < '0' || c > '9') {
+                return false;
+            }
+            uint32_t & v = i < 6 ? a : b;
+            v = v * 10 + static_cast<uint32_t>(c - '0');
+        } else if (c != kTail[i]) {
+            return false;
+        }
+    }
+    *prefix = path.substr(0, path.size() - n);
+    *no     = a;
+    *count  = b;
+    return true;
+}
+
+std::string split_name(const std::string & prefix, uint32_t no, uint32_t count) {
+    return format("%s-%05u-of-%05u.gguf", prefix.c_str(), no, count);
+}
+
+}  // namespace
+
+void GgufModel::parse_part(Part & part, size_t index, size_t n_parts) {
+    const std::string where = n_parts > 1 ? format(" (part %zu of %zu)", index + 1, n_parts) : std::string();
+    static const char kMagic[4] = {'G', 'G', 'U', 'F'};
+    const MappedFile & file = part.file;
+    if (file.size() < sizeof(kMagic) || std::memcmp(file.data(), kMagic, sizeof(kMagic)) != 0) {
+        fail(DG_ERR_FORMAT, format("not a GGUF file: '%s'%s does not start with the GGUF magic", part.path.c_str(), where.c_str()));
+    }
+
+    const std::string header_problem = prescan_metadata(file.data(), file.size());
+    if (!header_problem.empty()) {
+        fail(DG_ERR_FORMAT, format("invalid GGUF file '%s'%s: %s", part.path.c_str(), where.c_str(), header_problem.c_str()));
+    }
+    LogCapture capture;
+    gguf_init_params gp{};
+    gp.no_alloc = true;
+    gp.ctx      = &part.meta_ctx;
+    part.gguf = gguf_init_from_buffer(file.data(), static_cast<size_t>(file.size()), gp);
+    if (part.gguf == nullptr) {
+        std::string why = capture.first_line();
+        if (why.empty()) {
+            why = "unreadable header";
+        }
+        fail(DG_ERR_FORMAT, format("invalid GGUF file '%s'%s: %s", part.path.c_str(), where.c_str(), why.c_str()));
+    }
+}
+
+void GgufModel::open_parts(const std::string & path, bool use_mmap) {
+    parts_.push_back(std::make_unique<Part>());
+    Part & first = *parts_[0];
+    first.path = path;
+    first.file.open(path, use_mmap);
+    parse_part(first, 0, 1);
+    gguf_ = first.gguf;
 
     const int64_t n_kv = gguf_get_n_kv(gguf_);
     meta_.reserve(static_cast<size_t>(n_kv));
     for (int64_t id = 0; id < n_kv; ++id) {
         meta_index_[gguf_get_key(gguf_, id)] = meta_.size();
         meta_.push_back({gguf_get_key(gguf_, id), render_value(gguf_, id)});
+    }
+
+    // A split model: the path must be its first part, named as gguf-split names the parts.
+    const SplitKeys split = read_split_keys(gguf_, format("'%s'", path.c_str()));
+    std::string     prefix;
+    uint32_t        name_no = 0, name_count = 0;
+    const bool      named = parse_split_name(path, &prefix, &name_no, &name_count);
+    if (split.present) {
+        if (split.no != 0) {
+            const std::string first_name = named ? format("'%s'", split_name(prefix, 1, split.count).c_str())
+                                                 : std::string("the file with split.no 0");
+            fail(DG_ERR_FORMAT, format("'%s' is part %u of a model split into %u parts: load the model from its first part, %s",
+                                       path.c_str(), split.no + 1, split.count, first_name.c_str()));
+        }
+        if (named && (name_no != 1 || name_count != split.count)) {
+            fail(DG_ERR_FORMAT, format("'%s' is part 1 of %u (split.no 0, split.count %u) but its name says part %u of %u",
+                                       path.c_str(), split.count, split.count, name_no, name_count));
+        }
+        if (!named && split.count > 1) {
+            fail(DG_ERR_FORMAT, format("'%s' is the first part of a model split into %u parts, but its name does not end in "
+                                       "'-00001-of-%05u.gguf', so the other parts cannot be found (keep the names "
+                                       "llama.cpp's gguf-split gives the parts)", path.c_str(), split.count, split.count));
+        }
     }
 
     const int64_t arch_id = gguf_find_key(gguf_, "general.architecture");
@@ -537,37 +690,82 @@ void GgufModel::parse(const std::string & path) {
                                    arch.c_str(), schema::kArchitecture));
     }
 
-    // Tensor records, and the truncation check: the data of every tensor must lie inside the file.
-    const uint64_t data_offset = gguf_get_data_offset(gguf_);
-    const int64_t  n_tensors   = gguf_get_n_tensors(gguf_);
-    tensors_.reserve(static_cast<size_t>(n_tensors));
-    uint64_t data_end = data_offset;
-    for (int64_t i = 0; i < n_tensors; ++i) {
-        const char *         name = gguf_get_tensor_name(gguf_, i);
-        const ggml_tensor *  t    = ggml_get_tensor(meta_ctx_, name);
-        if (t == nullptr) {
-            fail(DG_ERR_FORMAT, format("invalid GGUF file '%s': tensor '%s' has no shape", path.c_str(), name));
+    const size_t n_parts = split.present ? split.count : 1;
+    for (uint32_t ip = 1; ip < n_parts; ++ip) {
+        parts_.push_back(std::make_unique<Part>());
+        Part & part = *parts_.back();
+        part.path = split_name(prefix, ip + 1, static_cast<uint32_t>(n_parts));
+        struct stat st {};
+        if (::stat(part.path.c_str(), &st) != 0 && errno == ENOENT) {
+            fail(DG_ERR_IO, format("model split into %zu parts: part %u '%s' not found", n_parts, ip + 1, part.path.c_str()));
         }
-        TensorRecord rec;
-        rec.name        = name;
-        rec.type        = static_cast<int32_t>(gguf_get_tensor_type(gguf_, i));
-        rec.n_dims      = ggml_n_dims(t);
-        for (int d = 0; d < 4; ++d) {
-            rec.ne[d] = t->ne[d];
+        part.file.open(part.path, use_mmap);
+        parse_part(part, ip, n_parts);
+        const std::string where = format("part %u '%s'", ip + 1, part.path.c_str());
+        const SplitKeys   keys  = read_split_keys(part.gguf, where);
+        if (!keys.present) {
+            fail(DG_ERR_FORMAT, format("%s has no split.* keys: it is not a part of the split model '%s'", where.c_str(),
+                                       path.c_str()));
         }
-        rec.n_bytes     = ggml_nbytes(t);
-        rec.file_offset = data_offset + gguf_get_tensor_offset(gguf_, i);
-        data_end        = std::max<uint64_t>(data_end, rec.file_offset + rec.n_bytes);
-        tensor_index_[rec.name] = tensors_.size();
-        tensors_.push_back(std::move(rec));
+        if (keys.count != split.count) {
+            fail(DG_ERR_FORMAT, format("%s: split.count is %u but the first part's is %u", where.c_str(), keys.count,
+                                       split.count));
+        }
+        if (keys.no != ip) {
+            fail(DG_ERR_FORMAT, format("%s: split.no is %u, expected %u (it is the file of part %u)", where.c_str(), keys.no,
+                                       ip, keys.no + 1));
+        }
+        if (keys.n_tensors != split.n_tensors) {
+            fail(DG_ERR_FORMAT, format("%s: split.tensors.count is %lld but the first part's is %lld", where.c_str(),
+                                       static_cast<long long>(keys.n_tensors), static_cast<long long>(split.n_tensors)));
+        }
     }
-    if (data_end > file_.size()) {
-        fail(DG_ERR_FORMAT, format("file truncated: tensor data ends at byte %llu but file has %llu",
-                                   static_cast<unsigned long long>(data_end),
-                                   static_cast<unsigned long long>(file_.size())));
+
+    // Tensor records, and the truncation check: the data of every tensor must lie inside its file.
+    for (uint32_t ip = 0; ip < parts_.size(); ++ip) {
+        const Part &   part        = *parts_[ip];
+        const uint64_t data_offset = gguf_get_data_offset(part.gguf);
+        const int64_t  n_tensors   = gguf_get_n_tensors(part.gguf);
+        const std::string where    = n_parts > 1 ? format("part %u '%s'", ip + 1, part.path.c_str()) : std::string();
+        uint64_t       data_end    = data_offset;
+        for (int64_t i = 0; i < n_tensors; ++i) {
+            const char *  name = gguf_get_tensor_name(part.gguf, i);
+            ggml_tensor * t    = ggml_get_tensor(part.meta_ctx, name);
+            if (t == nullptr) {
+                fail(DG_ERR_FORMAT, format("invalid GGUF file '%s': tensor '%s' has no shape", part.path.c_str(), name));
+            }
+            TensorRecord rec;
+            rec.name        = name;
+            rec.type        = static_cast<int32_t>(gguf_get_tensor_type(part.gguf, i));
+            rec.n_dims      = ggml_n_dims(t);
+            for (int d = 0; d < 4; ++d) {
+                rec.ne[d] = t->ne[d];
+            }
+            rec.n_bytes     = ggml_nbytes(t);
+            rec.file_offset = data_offset + gguf_get_tensor_offset(part.gguf, i);
+            rec.part        = ip;
+            data_end        = std::max<uint64_t>(data_end, rec.file_offset + rec.n_bytes);
+            const auto [it, inserted] = tensor_index_.emplace(rec.name, tensors_.size());
+            if (!inserted) {  // ggml's reader refuses a name twice in one file; across parts it is ours to catch
+                const TensorRecord & other = tensors_[it->second];
+                fail(DG_ERR_FORMAT, format("tensor '%s' is in part %u '%s' and again in part %u '%s'", name, other.part + 1,
+                                           parts_[other.part]->path.c_str(), ip + 1, part.path.c_str()));
+            }
+            tensors_.push_back(std::move(rec));
+            tensor_meta_.push_back(t);
+        }
+        if ((n_tensors > 0 || n_parts == 1) && data_end > part.file.size()) {  // a split's part may hold no tensors
+            fail(DG_ERR_FORMAT, format("file truncated: %s%stensor data ends at byte %llu but file has %llu", where.c_str(),
+                                       where.empty() ? "" : ": ", static_cast<unsigned long long>(data_end),
+                                       static_cast<unsigned long long>(part.file.size())));
+        }
+    }
+    if (split.present && static_cast<int64_t>(tensors_.size()) != split.n_tensors) {
+        fail(DG_ERR_FORMAT, format("split.tensors.count is %lld but the %zu parts of '%s' hold %zu tensors",
+                                   static_cast<long long>(split.n_tensors), n_parts, path.c_str(), tensors_.size()));
     }
     for (TensorRecord & rec : tensors_) {
-        rec.data = file_.data() + rec.file_offset;
+        rec.data = parts_[rec.part]->file.data() + rec.file_offset;
     }
 }
 
@@ -940,8 +1138,9 @@ ggml_tensor * GgufModel::self_cond_table(int type) const {
     if (!host) {
         ggml_backend_tensor_set(table.tensor, staging.data(), 0, staging.size());
     }
-    if (weights_buffer_ != nullptr && !ggml_backend_buffer_is_host(weights_buffer_)) {
-        file_.release(rec->data, rec->n_bytes);  // the device has its own copy of the embedding
+    const Part & embd_part = *parts_[rec->part];
+    if (embd_part.weights_buffer != nullptr && !ggml_backend_buffer_is_host(embd_part.weights_buffer)) {
+        embd_part.file.release(rec->data, rec->n_bytes);  // the device has its own copy of the embedding
     }
     tables_.emplace_back(type, table);
     return table.tensor;

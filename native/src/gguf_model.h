@@ -1,5 +1,7 @@
 // A DiffusionGemma GGUF file: mapped, parsed with ggml's gguf reader, validated against the
-// schema tables (gguf_schema.h), with the hyper-parameters it implies.
+// schema tables (gguf_schema.h), with the hyper-parameters it implies. A model split with
+// llama.cpp's gguf-split (PREFIX-00001-of-0000N.gguf, ...) is loaded from its first part: every
+// part is mapped and parsed, its tensors joined, its metadata taken from the first.
 #pragma once
 
 #include "dgemma.h"
@@ -36,8 +38,9 @@ struct TensorRecord {
     int32_t         n_dims = 0;
     int64_t         ne[4] = {1, 1, 1, 1};
     uint64_t        n_bytes = 0;
-    uint64_t        file_offset = 0;
+    uint64_t        file_offset = 0;  // in the file of its part
     const uint8_t * data = nullptr;  // inside the mapping
+    uint32_t        part = 0;        // which file of a split model holds it (0: the first or only)
 };
 
 struct MetaRecord {
@@ -89,21 +92,38 @@ public:
     int                              self_cond_table_type(uint32_t choice) const;
     uint64_t                         self_cond_table_bytes(int type) const;
     uint64_t                         self_cond_tables_built_bytes() const;  // what the built tables take
-    uint64_t                         file_size() const { return file_.size(); }
+    uint64_t                         file_size() const;  // of all the parts
+    // The model's files: one, or the parts of a split model in order (split.count > 1).
+    size_t                           n_parts() const { return parts_.size(); }
+    const std::string &              part_path(size_t i) const { return parts_[i]->path; }
 
 private:
     GgufModel() = default;
 
-    void parse(const std::string & path);
+    // One mapped, parsed file: the whole model or one part of a split model.
+    struct Part {
+        std::string                   path;
+        MappedFile                    file;
+        gguf_context *                gguf = nullptr;
+        ggml_context *                meta_ctx = nullptr;  // the shapes of its tensors (no data)
+        mutable ggml_backend_buffer * weights_buffer = nullptr;  // its tensors on the device
+        Part() = default;
+        Part(const Part &) = delete;
+        Part & operator=(const Part &) = delete;
+        ~Part();
+    };
+
+    void open_parts(const std::string & path, bool use_mmap);
+    void parse_part(Part & part, size_t index, size_t n_parts);
     void read_hparams();
     void validate_tensors();
 
-    MappedFile                                file_;
-    gguf_context *                            gguf_ = nullptr;
-    ggml_context *                            meta_ctx_ = nullptr;
+    std::vector<std::unique_ptr<Part>>        parts_;
+    gguf_context *                            gguf_ = nullptr;  // the first part's metadata
     dg_hparams                                hparams_{};
     std::vector<LayerLayout>                  layers_;
     std::vector<TensorRecord>                 tensors_;
+    std::vector<ggml_tensor *>                tensor_meta_;  // tensors_[i]'s shape, in its part's meta_ctx
     std::unordered_map<std::string, size_t>   tensor_index_;
     std::vector<MetaRecord>                   meta_;
     std::unordered_map<std::string, size_t>   meta_index_;
@@ -112,7 +132,6 @@ private:
     std::string                               device_name_;
     ggml_backend_device *                     device_ = nullptr;
     mutable std::once_flag                    bind_once_;
-    mutable ggml_backend_buffer *             weights_buffer_ = nullptr;
     mutable std::once_flag                    tokenizer_once_;
     mutable std::unique_ptr<Tokenizer>        tokenizer_;
     int32_t                                   n_threads_ = 1;

@@ -3,6 +3,7 @@
 #include "error.h"
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -28,6 +29,7 @@ MappedFile::~MappedFile() {
     if (map_ != nullptr) {
         ::munmap(map_, static_cast<size_t>(size_));
     }
+    std::free(buffer_);
 }
 
 void MappedFile::open(const std::string & path, bool use_mmap) {
@@ -62,15 +64,18 @@ void MappedFile::open(const std::string & path, bool use_mmap) {
         data_ = static_cast<const uint8_t *>(map);
         return;
     }
-    try {
-        buffer_.resize(static_cast<size_t>(size_));
-    } catch (const std::bad_alloc &) {
+    // Aligned like a mapping, so the data section is as aligned as the file's (ggml refuses host
+    // buffers that are not).
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    if (::posix_memalign(&buffer_, page, static_cast<size_t>(size_)) != 0) {
+        buffer_ = nullptr;
         fail(DG_ERR_OUT_OF_MEMORY, format("cannot read '%s' into memory: %llu bytes", path.c_str(),
                                           static_cast<unsigned long long>(size_)));
     }
-    uint64_t done = 0;
+    uint8_t * bytes = static_cast<uint8_t *>(buffer_);
+    uint64_t  done  = 0;
     while (done < size_) {
-        const ssize_t n = ::read(fd.fd, buffer_.data() + done, static_cast<size_t>(size_ - done));
+        const ssize_t n = ::read(fd.fd, bytes + done, static_cast<size_t>(size_ - done));
         if (n < 0 && errno == EINTR) {
             continue;
         }
@@ -80,7 +85,7 @@ void MappedFile::open(const std::string & path, bool use_mmap) {
         }
         done += static_cast<uint64_t>(n);
     }
-    data_ = buffer_.data();
+    data_ = bytes;
 }
 
 void MappedFile::release(const uint8_t * p, uint64_t n) const {

@@ -3,7 +3,6 @@
 
 #include <cstdint>
 #include <string>
-#include <vector>
 
 namespace dg {
 
@@ -28,7 +27,7 @@ private:
     const uint8_t *      data_ = nullptr;
     uint64_t             size_ = 0;
     void *               map_ = nullptr;
-    std::vector<uint8_t> buffer_;
+    void *               buffer_ = nullptr;  // without a mapping: page-aligned, as a mapping would be
 };
 
 }  // namespace dg
