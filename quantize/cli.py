@@ -58,6 +58,11 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
+SPLIT_HELP = ("Split the output into llama.cpp gguf-split parts of at most this much tensor data each: 40G, 500M, "
+              "1.5G, 2GiB or bytes (K, M, G, T: powers of 1000, as llama.cpp's). -o out.gguf then writes "
+              "out-00001-of-0000N.gguf, ...; load the first part. A model that fits in one part is written to OUTPUT.")
+
+
 @app.command()
 def convert(
     source: str = typer.Argument(..., help="Checkpoint folder (config.json, *.safetensors, tokenizer files), or a "
@@ -68,12 +73,7 @@ def convert(
     out_type: Optional[str] = typer.Option(None, "--type", "-t",
                                            help="Weight type: f32, f16, bf16 or q8_0. Default: bf16 for a bf16 "
                                                 "checkpoint, else f16. Norms, scales and the router stay f32."),
-    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Split the output into llama.cpp "
-                                                 "gguf-split parts of at most this much tensor data each: 40G, 500M, "
-                                                 "1.5G, 2GiB or bytes (K, M, G, T: powers of 1000, as llama.cpp's). "
-                                                 "-o out.gguf then writes out-00001-of-0000N.gguf, ...; load the "
-                                                 "first part. A model that fits in one part is written to OUTPUT.",
-                                                 show_default=False),
+    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help=SPLIT_HELP, show_default=False),
     force: bool = typer.Option(False, "--force", "-f", help="Replace OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
@@ -119,12 +119,7 @@ def quantize_cmd(
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="An importance matrix (from 'pydgemma-quantize imatrix' "
                                            "or llama-imatrix, GGUF format): per-tensor weights for the quantizers. "
                                            "Needed by the IQ1/IQ2 types.", show_default=False),
-    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Split the output into llama.cpp "
-                                                 "gguf-split parts of at most this much tensor data each: 40G, 500M, "
-                                                 "1.5G, 2GiB or bytes (K, M, G, T: powers of 1000, as llama.cpp's). "
-                                                 "-o out.gguf then writes out-00001-of-0000N.gguf, ...; load the "
-                                                 "first part. A model that fits in one part is written to OUTPUT.",
-                                                 show_default=False),
+    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help=SPLIT_HELP, show_default=False),
     force: bool = typer.Option(False, "--force", "-f", help="Replace OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:

@@ -103,12 +103,10 @@ def test_split_keys_and_metadata_are_llama_cpps(twins) -> None:
     assert list(fields(split.parts[0]))[-3:] == list(SPLIT_KEYS)  # gguf-py appends them to the metadata
 
 
-def test_parts_are_byte_identical_to_gguf_pys_own_split_writer(twins, tmp_path: Path) -> None:
-    """gguf.GGUFWriter(split_max_size=...) given the same metadata and tensors writes the same files."""
-    single, split = twins["f32"]
-    reader = gguf.GGUFReader(single.path)
-    ref = tmp_path / "f32-split.gguf"
-    w = gguf.GGUFWriter(ref, ARCH, split_max_size=PART_BYTES["f32"])
+def write_with_gguf_py(source: Path, out: Path, **split: Any) -> None:
+    """`source`'s metadata and tensors written again by gguf-py's own writer, split as `split` says."""
+    reader = gguf.GGUFReader(source)
+    w = gguf.GGUFWriter(out, ARCH, **split)
     for name, f in reader.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
             continue
@@ -120,6 +118,12 @@ def test_parts_are_byte_identical_to_gguf_pys_own_split_writer(twins, tmp_path: 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_parts_are_byte_identical_to_gguf_pys_own_split_writer(twins, tmp_path: Path) -> None:
+    """gguf.GGUFWriter(split_max_size=...) given the same metadata and tensors writes the same files."""
+    single, split = twins["f32"]
+    write_with_gguf_py(single.path, tmp_path / "f32-split.gguf", split_max_size=PART_BYTES["f32"])
     theirs = sorted(tmp_path.glob("f32-split-*.gguf"))
     assert [p.name for p in theirs] == [p.name for p in split.parts]
     for a, b in zip(split.parts, theirs):
@@ -350,18 +354,7 @@ def test_hand_written_parts_load_identically(twins, names, tmp_path: Path) -> No
 
 def test_gguf_pys_small_first_shard_loads(twins, tmp_path: Path) -> None:
     single = twins["f32"][0].path
-    reader = gguf.GGUFReader(single)
-    w = gguf.GGUFWriter(tmp_path / "s.gguf", ARCH, split_max_size=300_000, small_first_shard=True)
-    for name, f in reader.fields.items():
-        if not name.startswith("GGUF.") and name != "general.architecture":
-            vtype = VT(f.types[0])
-            w.add_key_value(name, f.contents(), vtype, sub_type=VT(f.types[-1]) if vtype == VT.ARRAY else None)
-    for t in reader.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_with_gguf_py(single, tmp_path / "s.gguf", split_max_size=300_000, small_first_shard=True)
     parts = sorted(tmp_path.glob("s-*.gguf"))
     assert len(parts) >= 3 and not gguf.GGUFReader(parts[0]).tensors
     assert all(np.array_equal(x, y) for x, y in zip(flow(pydgemma.Model(parts[0])), flow(pydgemma.Model(single))))
