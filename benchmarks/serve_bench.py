@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from pydgemma.models.demo import train as sudoku
+    from pydgemma.models.demo import sudoku
     from pydgemma.run_cli import demo_model_path
 
     model = args.model or str(demo_model_path())

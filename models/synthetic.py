@@ -38,11 +38,12 @@ import gguf
 import numpy as np
 import typer
 
+from pydgemma.gguf.schema import schema
 from pydgemma.quantize.convert import (ConversionError, PlannedTensor, ProgressFn, check_split_max_size, check_targets,
                                        output_paths, parse_size, rope_freqs, write_arch_metadata, write_model)
 from pydgemma.quantize.hf_config import ArchParams
 from pydgemma.quantize.policy import MIXES, Q, choose
-from pydgemma.quantize.tensor_map import expected_tensors
+from pydgemma.quantize.tensor_map import layout
 from pydgemma.quantize.vocab import (FORCED_USER_DEFINED, TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED,
                                      Vocab)
 
@@ -170,7 +171,7 @@ def _dense(qtype: Q, shape: tuple[int, int], rng: np.random.Generator, std: floa
 
 
 # ------------------------------------------------------------------------------------------------
-# The plan: names and shapes from the converter's table, types from the quant policy.
+# The plan: names and shapes from the layout's schema (as the converter writes them), types from the quant policy.
 
 def _vector(name: str, n: int, a: ArchParams, rng: np.random.Generator) -> np.ndarray:
     def uniform(lo: float, hi: float) -> np.ndarray:
@@ -287,7 +288,7 @@ def plan(preset: Preset | str, mix: str, seed: int = 0) -> list[SyntheticTensor]
     with the type `mix` gives it. Nothing is generated until a tensor's rows are read."""
     p, m = _as_preset(preset), _mix(mix)
     a = p.arch()
-    tensors = [("rope_freqs.weight", (a.head_dim_full // 2,))] + [(t.gguf_name, t.shape) for t in expected_tensors(a)]
+    tensors = [(t.name, t.shape) for t in schema().tensors(layout(a))]
     choices = choose(m, [(name, tuple(reversed(shape))) for name, shape in tensors])
     return [SyntheticTensor(name, shape, c.qtype, arch=a, seed=seed) for (name, shape), c in zip(tensors, choices)]
 
@@ -542,7 +543,7 @@ def synthetic(
 ) -> None:
     from rich.console import Console
 
-    from pydgemma.cli_runner import phase_progress
+    from pydgemma.progress import phase_progress
 
     if dry_run:
         tensors = plan(preset, mix, seed)

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import NativeLibraryError
+from .errors import NativeLibraryError, PydgemmaError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _BEGIN = "/* --- cffi:begin --- */"
@@ -131,6 +131,14 @@ class _Native:
 
     def status_name(self, status: int) -> str:
         return self.string(self.lib.dg_status_name(status))
+
+    def check(self, status: int, error: type[Exception] = PydgemmaError, what: str = "") -> None:
+        """Raises `error` with the core's one-line message (after `what: `, if given) unless `status`
+        is DG_OK: the one place a status becomes an exception (a PydgemmaError also gets its name)."""
+        if status != 0:
+            message = self.last_error()
+            message = f"{what}: {message}" if what else message
+            raise error(message, self.status_name(status)) if issubclass(error, PydgemmaError) else error(message)
 
 
 _native: _Native | None = None

@@ -1,63 +1,26 @@
-"""Chat: the GGUF's own chat template rendered with Jinja2 (Hugging Face semantics), thinking
-mode, and multi-turn sessions that reuse the prompt KV cache."""
+"""Chat: multi-turn sessions that reuse the prompt KV cache, over the chat format of
+pydgemma.chat_format (the GGUF's own template, thinking mode)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .chat_format import CHANNEL_CLOSE, CHANNEL_OPEN, ChatTemplateError, split_thinking  # noqa: F401
+from .chat_format import render as _render
 from .errors import PydgemmaError
+from .generate import Generation, generate_in_context
 
 if TYPE_CHECKING:
-    from .generate import Generation
     from .model import Model
 
-CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
 
-
-@lru_cache(maxsize=8)
-def _compile(template: str):
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+def render(template: str, messages: Sequence[dict[str, Any]], **options: Any) -> str:
+    """pydgemma.chat_format.render, failing as a PydgemmaError (DG_ERR_FORMAT)."""
     try:
-        return env.from_string(template)
-    except TemplateError as exc:
-        raise PydgemmaError(f"the model's chat template does not parse: {exc}", "DG_ERR_FORMAT") from exc
-
-
-def render(template: str, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
-           enable_thinking: bool = False, special: dict[str, str] | None = None, tools: list | None = None) -> str:
-    """Renders `messages` as transformers' apply_chat_template does (same variables; `tools` are
-    OpenAI function tools, see pydgemma.tools.normalize_messages)."""
-    from jinja2 import TemplateError
-
-    try:
-        return _compile(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                         enable_thinking=enable_thinking, tools=tools, **(special or {}))
-    except TemplateError as exc:
-        raise PydgemmaError(f"the chat template failed: {exc}", "DG_ERR_FORMAT") from exc
-
-
-def split_thinking(text: str) -> tuple[str, str]:
-    """(thinking, content) of a reply written as '<|channel>thought\\n...<channel|>answer'."""
-    if CHANNEL_OPEN not in text:
-        return "", text
-    before, _, rest = text.partition(CHANNEL_OPEN)
-    thought, closed, after = rest.partition(CHANNEL_CLOSE)
-    if thought.startswith("thought"):
-        thought = thought[len("thought"):]
-    if not closed:  # the model never closed its thoughts
-        return thought.strip(), before.strip()
-    return thought.strip(), (before + after).strip()
+        return _render(template, messages, **options)
+    except ChatTemplateError as exc:
+        raise PydgemmaError(str(exc), "DG_ERR_FORMAT") from exc
 
 
 @dataclass
@@ -81,8 +44,6 @@ class ChatSession:
         self.options = generate_options
 
     def send(self, text: str, **options: Any) -> Generation:
-        from .generate import generate_in_context
-
         self.messages.append({"role": "user", "content": text})
         prompt = self.model.chat_prompt_ids(self.messages, think=self.think)
         shared = 0

@@ -294,7 +294,7 @@ def demo(
     import random as _random
 
     from .model import Model
-    from .models.demo import train as sudoku
+    from .models.demo import sudoku
     from .run_cli import demo_model_path
 
     m = Model(model or demo_model_path(), n_threads=threads)
@@ -462,7 +462,7 @@ def pull(
 
       pydgemma run -m "$(pydgemma pull unsloth/diffusiongemma-26B-A4B-it-GGUF:Q8_0)" -p "hi"
     """
-    from .cli_runner import phase_progress
+    from .progress import phase_progress
     from .hub import HubError, fetch, parse_ref
 
     ref = parse_ref(model)

@@ -7,8 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from contextlib import contextmanager
-from typing import Callable, Iterator, NoReturn
+from typing import NoReturn
 
 import typer
 
@@ -40,21 +39,3 @@ def run_app(app: typer.Typer, user_errors: tuple[type[BaseException], ...] = ())
     if rc == 130:  # typer turns Ctrl-C into exit status 130 without a word
         typer.echo("interrupted", err=True)
     sys.exit(rc if isinstance(rc, int) else 0)
-
-
-@contextmanager
-def phase_progress(show: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """A byte progress bar per phase on stderr (hidden unless `show`): yields report(phase, done, total)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True), disable=not show) as bar:
-        tasks: dict[str, int] = {}
-
-        def report(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done)
-
-        yield report

@@ -117,9 +117,7 @@ class Context:
 
     @staticmethod
     def _check(status: int) -> None:
-        if status != 0:
-            nat = native()
-            raise PydgemmaError(nat.last_error(), nat.status_name(status))
+        native().check(status)
 
     def prefill(self, token_ids: Sequence[int] | np.ndarray) -> None:
         """Runs the prompt through the causal encoder and appends its keys/values to the cache."""
@@ -215,7 +213,7 @@ class Context:
 
     def reset(self) -> None:
         """Empties the cache."""
-        native().lib.dg_context_reset(self._handle)
+        self._check(native().lib.dg_context_reset(self._handle))
 
     def truncate(self, n_past: int) -> None:
         """Keeps only the first `n_past` cached tokens."""
@@ -226,10 +224,10 @@ class Context:
         self._check(native().lib.dg_context_imatrix_start(self._handle))
 
     def imatrix_stop(self) -> None:
-        native().lib.dg_context_imatrix_stop(self._handle)
+        self._check(native().lib.dg_context_imatrix_stop(self._handle))
 
     def imatrix_clear(self) -> None:
-        native().lib.dg_context_imatrix_clear(self._handle)
+        self._check(native().lib.dg_context_imatrix_clear(self._handle))
 
     def imatrix(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """What was collected: weight name -> (in_sum2 float64 [n_mat, ne0], counts int64 [n_mat]),

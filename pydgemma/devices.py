@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ._native import native
-from .errors import PydgemmaError
 
 _DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
 
@@ -30,9 +29,7 @@ def devices() -> list[Device]:
     out = []
     for i in range(nat.lib.dg_device_count()):
         info = nat.ffi.new("dg_device_info *")
-        status = nat.lib.dg_device_get(i, info)
-        if status != 0:
-            raise PydgemmaError(nat.last_error(), nat.status_name(status))
+        nat.check(nat.lib.dg_device_get(i, info))
         out.append(
             Device(
                 name=nat.string(info.name),

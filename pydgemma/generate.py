@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from ._native import native
-from .errors import PydgemmaError
+from .chat_format import split_thinking
 from .sampler import default_params
 
 if TYPE_CHECKING:
@@ -116,8 +116,7 @@ def generate_ids(
     elapsed = time.perf_counter() - started
     if errors:
         raise errors[0]
-    if status != 0:
-        raise PydgemmaError(nat.last_error(), nat.status_name(status))
+    nat.check(status)
     gen = Generation(
         tokens=list(tokens[0 : result.n_tokens]),
         steps=list(steps[0 : result.n_canvases]),
@@ -144,7 +143,6 @@ def generate_in_context(model: Model, ctx: Context, prompt_ids: Sequence[int], *
                         on_canvas: Callable[[int, str], None] | None = None) -> Generation:
     """Generates after `prompt_ids` in `ctx` and decodes the text. `on_canvas(index, new_text)` gets
     the text of each finished canvas as it is decided (never a split UTF-8 character)."""
-    from .chat import split_thinking
 
     streamed: list[int] = []
     shown = [0]

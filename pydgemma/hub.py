@@ -646,7 +646,7 @@ class _progress:
         disabled = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
         if disabled or not sys.stderr.isatty():
             return None
-        from .cli_runner import phase_progress
+        from .progress import phase_progress
 
         self.cm = phase_progress(True)
         return self.cm.__enter__()

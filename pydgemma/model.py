@@ -8,7 +8,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 from ._native import native
+from .chat import ChatSession, render
+from .context import Context, plan_memory
 from .errors import ModelError
+from .generate import generate_in_context
+from .hub import resolve_model
 
 # dg_hparams fields, in the order of the C struct.
 HPARAM_FIELDS = (
@@ -108,8 +112,6 @@ class Model:
         repack: bool = True,
         offline: bool | None = None,
     ) -> None:
-        from .hub import resolve_model
-
         self._handle = None
         self.path = resolve_model(path, offline=offline)
         if n_threads is not None and n_threads < 1:
@@ -123,9 +125,7 @@ class Model:
         params.use_mmap = use_mmap
         params.repack = repack
         out = ffi.new("dg_model **")
-        status = lib.dg_model_load(os.fsencode(self.path), params, out)
-        if status != 0:
-            raise ModelError(nat.last_error(), nat.status_name(status))
+        nat.check(lib.dg_model_load(os.fsencode(self.path), params, out), ModelError)
         self._handle = ffi.gc(out[0], lib.dg_model_free)
         self._load_description()
 
@@ -169,9 +169,7 @@ class Model:
         self.file_size: int = int(lib.dg_model_file_size(h))
 
     def _check(self, status: int) -> None:
-        if status != 0:
-            nat = native()
-            raise ModelError(nat.last_error(), nat.status_name(status))
+        native().check(status, ModelError)
 
     def context(self, n_ctx: int | None = None, *, n_batch: int = 512, n_threads: int | None = None, sc_top_k: int = 0,
                 cpu_kernels=None, kv_type: str = "f16", flash_attn: str = "auto", sc_table: str = "auto"):
@@ -192,8 +190,6 @@ class Model:
         F32 embedding, else Q8_0), "f32", "f16" or "q8_0"; one table per type is shared by the
         model's contexts. The context is refused up front (with :meth:`plan_memory`'s breakdown)
         when it does not fit on the device."""
-        from .context import Context
-
         if self._handle is None:
             raise ModelError("the model is closed", "DG_ERR_INVALID_ARG")
         return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, sc_top_k=sc_top_k, cpu_kernels=cpu_kernels,
@@ -203,8 +199,6 @@ class Model:
         """What :meth:`context` with these settings would take on the device, before allocating it:
         bytes of weights (copied / mapped), KV cache, self-conditioning table and state, compute
         (an estimate), total, the device's free and total memory, and whether it fits."""
-        from .context import plan_memory
-
         if self._handle is None:
             raise ModelError("the model is closed", "DG_ERR_INVALID_ARG")
         return plan_memory(self, n_ctx=n_ctx, **settings)
@@ -238,7 +232,6 @@ class Model:
 
     @property
     def chat_template(self) -> str | None:
-        from ._native import native
 
         nat = native()
         value = nat.lib.dg_model_meta_get(self._handle, b"tokenizer.chat_template")
@@ -247,8 +240,6 @@ class Model:
     @property
     def eog_ids(self) -> list[int]:
         """End-of-generation token ids (<eos>, <turn|>, <|tool_response>, tokenizer.ggml.eos_token_id)."""
-        from ._native import native
-
         nat = native()
         p = nat.lib.dg_generate_default_params(self._handle)
         return [int(p.eos_ids[i]) for i in range(p.n_eos)]
@@ -260,8 +251,6 @@ class Model:
         """Token ids of `messages` rendered with the model's chat template and a generation prompt,
         with exactly one BOS. `tools`: OpenAI function tools, declared by the template;
         `generation_prefix`: text the reply is made to start with (e.g. a forced tool call)."""
-        from .chat import render
-
         template = self.chat_template
         if template is None:
             raise ModelError("this model has no chat template (tokenizer.chat_template)", "DG_ERR_UNSUPPORTED")
@@ -281,8 +270,6 @@ class Model:
         model has one); a list is chat messages ({"role", "content"}). Options: max_steps, t_min,
         t_max, entropy_bound, seed, on_step(StepEvent) -> False to stop, on_canvas(index, text).
         ``sc_top_k`` > 0: approximate self-conditioning; ``kv_type``: the KV cache (see :meth:`context`)."""
-        from .generate import generate_in_context
-
         if isinstance(prompt_or_messages, str):
             if self.chat_template is not None:
                 ids = self.chat_prompt_ids([{"role": "user", "content": prompt_or_messages}], think=think)
@@ -298,8 +285,6 @@ class Model:
 
     def chat(self, *, system: str | None = None, think: bool = False, n_ctx: int | None = None, **options):
         """A multi-turn session (see pydgemma.chat.ChatSession)."""
-        from .chat import ChatSession
-
         return ChatSession(self, system=system, think=think, n_ctx=n_ctx, **options)
 
     @property

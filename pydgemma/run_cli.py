@@ -138,7 +138,7 @@ def demo_model_path() -> Path:
 
 def run_demo(model, options: dict[str, Any], *, visual: bool, as_json: bool) -> int:
     """Solves a sample 4x4 Sudoku with the demo model and shows it next to the puzzle."""
-    from .models.demo import train as sudoku
+    from .models.demo import sudoku
 
     rng_seed = int(options.get("seed") or 0)
     puzzles = sudoku.test_puzzles(50)

@@ -73,15 +73,14 @@ class Sampler:
         c_params = nat.ffi.new("dg_sampler_params *", params)
         out = nat.ffi.new("dg_sampler **")
         status = nat.lib.dg_sampler_new(c_params, self.canvas_len, self.n_vocab, out)
-        if status != 0:
-            raise PydgemmaError(nat.last_error(), nat.status_name(status))
+        nat.check(status)
         self._handle = nat.ffi.gc(out[0], nat.lib.dg_sampler_free)
 
     def new_canvas(self) -> np.ndarray:
         """A canvas of uniform random ids; the next step is step 0 of a new canvas."""
         nat = native()
         canvas = np.empty(self.canvas_len, dtype=np.int32)
-        nat.lib.dg_sampler_init_canvas(self._handle, nat.ffi.from_buffer("int32_t[]", canvas))
+        nat.check(nat.lib.dg_sampler_init_canvas(self._handle, nat.ffi.from_buffer("int32_t[]", canvas)))
         return canvas
 
     @property
@@ -93,8 +92,7 @@ class Sampler:
         nat = native()
         out = np.empty(self.canvas_len, np.float32)
         status = nat.lib.dg_sampler_uniforms(self._handle, nat.ffi.from_buffer("float[]", out))
-        if status != 0:
-            raise PydgemmaError(nat.last_error(), nat.status_name(status))
+        nat.check(status)
         return out
 
     def decide(self, rows, canvas: np.ndarray) -> StepInfo:
@@ -113,8 +111,7 @@ class Sampler:
         fb = nat.ffi.from_buffer
         status = nat.lib.dg_sampler_decide(self._handle, fb("int32_t[]", argmax), fb("int32_t[]", draws), fb("float[]", entropy),
                                            fb("int32_t[]", canvas), fb("uint8_t[]", accepted), res)
-        if status != 0:
-            raise PydgemmaError(nat.last_error(), nat.status_name(status))
+        nat.check(status)
         return StepInfo(int(res.step), float(res.temperature), float(res.mean_entropy), int(res.n_accepted),
                         bool(res.converged), bool(res.stop), argmax.copy(), draws.copy(), accepted.astype(bool), entropy.copy())
 
@@ -137,7 +134,6 @@ class Sampler:
         fb = nat.ffi.from_buffer
         status = nat.lib.dg_sampler_step(self._handle, fb("float[]", logits), fb("int32_t[]", canvas), fb("int32_t[]", argmax),
                                          fb("int32_t[]", draws), fb("uint8_t[]", accepted), fb("float[]", entropy), res)
-        if status != 0:
-            raise PydgemmaError(nat.last_error(), nat.status_name(status))
+        nat.check(status)
         return StepInfo(int(res.step), float(res.temperature), float(res.mean_entropy), int(res.n_accepted),
                         bool(res.converged), bool(res.stop), argmax, draws, accepted.astype(bool), entropy)

@@ -31,12 +31,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .chat_format import CALL_CLOSE, CALL_OPEN, RESPONSE_CLOSE, RESPONSE_OPEN, STRING_DELIM  # noqa: F401
+
 __all__ = ["ToolCall", "format_value", "normalize_messages", "parse_tool_calls", "render_tool_call",
            "render_tool_response"]
 
-STRING_DELIM = '<|"|>'
-CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
-RESPONSE_OPEN, RESPONSE_CLOSE = "<|tool_response>", "<tool_response|>"
 MAX_DEPTH = 64  # nested objects/arrays; deeper is malformed (and never a recursion error)
 
 _NAME = re.compile(r"[^\s{}\[\]<>,:\"]+")

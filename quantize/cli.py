@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pydgemma.cli_runner import phase_progress
+from pydgemma.progress import phase_progress
 
 from .checkpoint import CheckpointError
 from .convert import ConversionError

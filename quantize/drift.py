@@ -113,7 +113,7 @@ def is_demo_model(model) -> bool:
     """Whether `model` is the bundled demo model or a sibling of it (same shape, tokenizer and template)."""
     from pydgemma import Model
     from pydgemma.errors import PydgemmaError
-    from pydgemma.models.demo import train as sudoku
+    from pydgemma.models.demo import sudoku
     from pydgemma.run_cli import demo_model_path
 
     try:
@@ -140,7 +140,7 @@ def build_workload(model, *, prompts: Sequence[str] | None, task: str, canvases:
 
     Prompt i (i = 0 .. canvases / canvases_per_prompt - 1) is prompts[i % len(prompts)] with seed
     seed + i; task "auto" is the demo's Sudoku when no prompts are given and the model is the demo's."""
-    from pydgemma.models.demo import train as sudoku
+    from pydgemma.models.demo import sudoku
     from pydgemma.sampler import default_params
 
     if canvases < 1:
@@ -407,8 +407,8 @@ def prompt_side_summary(kl: list[np.ndarray], top1: list[np.ndarray]) -> dict | 
 
 def task_summary(task: str, wl: Workload, ref_runs: list, model_runs: list, model) -> dict:
     """Exact-solve accuracy of both free runs on the demo's Sudoku puzzles."""
-    from pydgemma.chat import split_thinking
-    from pydgemma.models.demo import train as sudoku
+    from pydgemma.chat_format import split_thinking
+    from pydgemma.models.demo import sudoku
 
     eog = set(model.eog_ids)
 

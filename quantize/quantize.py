@@ -15,7 +15,7 @@ from .checkpoint import Checkpoint, CheckpointError, checkpoint_name, resolve_ch
 from .convert import (ARCH, ConversionError, PlannedTensor, ProgressFn, check_split_max_size, _write_metadata,
                       check_targets, output_paths, plan_tensors, split_part_paths, write_model)
 from .hf_config import read_arch
-from .imatrix import Imatrix, importance, read_imatrix
+from .imatrix_file import Imatrix, importance, read_imatrix
 from .policy import MIXES, Choice, Q, choose
 
 SOURCE_TYPES = (Q.F32, Q.F16, Q.BF16)
@@ -48,31 +48,29 @@ def native_encoder(n_threads: int | None, weights: dict[str, tuple[np.ndarray, i
     """Encodes float32 rows to a ggml type with the native core (ggml_quantize_chunk). `weights`:
     tensor name -> (importance [n_mat, row length], rows per matrix): rows of matrix m (an expert of
     a 3-D tensor) are quantized with importance[m]."""
-    from pydgemma._native import native
+    from pydgemma.errors import PydgemmaError
+    from pydgemma.quantization import quantize_rows, row_size
 
-    nat = native()
     threads = n_threads or os.cpu_count() or 1
     weights = weights or {}
 
     def encode(rows: np.ndarray, qtype: Q, name: str = "", first_row: int = 0) -> memoryview:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         n_rows, n_per_row = rows.shape
-        row_size = nat.lib.dg_type_row_size(int(qtype), n_per_row)
-        if row_size == 0:
+        size = row_size(int(qtype), n_per_row)
+        if size == 0:
             raise ConversionError(f"cannot quantize rows of {n_per_row} values to {qtype.name}")
-        out = np.empty(n_rows * row_size, dtype=np.uint8)
-        written = nat.ffi.new("size_t *")
+        out = np.empty(n_rows * size, dtype=np.uint8)
         imp, per_mat = weights.get(name, (None, max(1, first_row + n_rows)))
         start = 0
         while start < n_rows:  # one call per matrix the block touches
             mat = (first_row + start) // per_mat
             end = min(n_rows, (mat + 1) * per_mat - first_row)
-            im = nat.ffi.NULL if imp is None else nat.ffi.from_buffer("float[]", imp[mat])
-            status = nat.lib.dg_quantize(int(qtype), nat.ffi.from_buffer("float[]", rows[start:end]),
-                                         nat.ffi.from_buffer(out[start * row_size:end * row_size]), end - start,
-                                         n_per_row, im, threads, written)
-            if status != 0:
-                raise ConversionError(f"{name}: {nat.last_error()}" if name else nat.last_error())
+            try:
+                quantize_rows(int(qtype), rows[start:end], out[start * size:end * size],
+                              importance=None if imp is None else imp[mat], n_threads=threads)
+            except PydgemmaError as exc:
+                raise ConversionError(f"{name}: {exc}" if name else str(exc)) from None
             start = end
         return memoryview(out)
 

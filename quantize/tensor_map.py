@@ -1,4 +1,5 @@
-"""Hugging Face tensor names -> GGUF tensor names, expected shapes and output types (spec section 2).
+"""Hugging Face tensor names -> GGUF tensor names, expected shapes and output types (spec section 2), from
+the layout's schema (pydgemma/gguf/diffusion_gemma_schema.json: names, sources, symbolic shapes).
 
 Only `model.decoder.*` backbone tensors are written: the encoder's backbone is tied to the decoder's,
 and contributes just its per-layer `layer_scalar` (as `enc_layer_output_scale`). Vision tensors are
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
 
 import gguf
+
+from pydgemma.gguf.schema import Layout, schema
 
 from .hf_config import ArchParams
 
@@ -22,53 +24,14 @@ ENCODER_TEXT = "model.encoder.language_model."
 SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.", "model.vision_tower.",
                     "model.embed_vision.")
 
-Shape = Callable[[ArchParams, int], tuple[int, ...]]
 
+def layout(a: ArchParams) -> Layout:
+    """The hyper-parameters the schema's symbolic shapes resolve against."""
+    return Layout(n_embd=a.hidden_size, n_vocab=a.vocab_size, n_ff=a.intermediate_size,
+                  n_ff_exp=a.moe_intermediate_size, n_expert=a.n_expert, n_head=a.n_head, n_rot=a.head_dim_full,
+                  head_dim=tuple(a.head_dim_swa if s else a.head_dim_full for s in a.sliding),
+                  n_head_kv=tuple(a.n_kv_per_layer), sliding=tuple(a.sliding))
 
-def _hd(a: ArchParams, il: int) -> int:
-    return a.head_dim_swa if a.sliding[il] else a.head_dim_full
-
-
-def _kv(a: ArchParams, il: int) -> int:
-    return a.n_kv_per_layer[il] * _hd(a, il)
-
-
-E: Shape = lambda a, il: (a.hidden_size,)  # noqa: E731  (a norm or scale over the hidden size)
-
-# (HF name after "model.decoder.layers.{i}.", GGUF name after "blk.{i}.", torch shape)
-LAYER_TENSORS: list[tuple[str, str, Shape]] = [
-    ("input_layernorm.weight",              "attn_norm.weight",           E),
-    ("self_attn.q_proj.weight",             "attn_q.weight",              lambda a, il: (a.n_head * _hd(a, il), a.hidden_size)),
-    ("self_attn.k_proj.weight",             "attn_k.weight",              lambda a, il: (_kv(a, il), a.hidden_size)),
-    ("self_attn.v_proj.weight",             "attn_v.weight",              lambda a, il: (_kv(a, il), a.hidden_size)),
-    ("self_attn.o_proj.weight",             "attn_output.weight",         lambda a, il: (a.hidden_size, a.n_head * _hd(a, il))),
-    ("self_attn.q_norm.weight",             "attn_q_norm.weight",         lambda a, il: (_hd(a, il),)),
-    ("self_attn.k_norm.weight",             "attn_k_norm.weight",         lambda a, il: (_hd(a, il),)),
-    ("post_attention_layernorm.weight",     "post_attention_norm.weight", E),
-    ("pre_feedforward_layernorm.weight",    "ffn_norm.weight",            E),
-    ("mlp.gate_proj.weight",                "ffn_gate.weight",            lambda a, il: (a.intermediate_size, a.hidden_size)),
-    ("mlp.up_proj.weight",                  "ffn_up.weight",              lambda a, il: (a.intermediate_size, a.hidden_size)),
-    ("mlp.down_proj.weight",                "ffn_down.weight",            lambda a, il: (a.hidden_size, a.intermediate_size)),
-    ("post_feedforward_layernorm_1.weight", "post_ffw_norm_1.weight",     E),
-    ("pre_feedforward_layernorm_2.weight",  "pre_ffw_norm_2.weight",      E),
-    ("post_feedforward_layernorm_2.weight", "post_ffw_norm_2.weight",     E),
-    ("post_feedforward_layernorm.weight",   "post_ffw_norm.weight",       E),
-    ("router.proj.weight",                  "ffn_gate_inp.weight",        lambda a, il: (a.n_expert, a.hidden_size)),
-    ("router.scale",                        "ffn_gate_inp.scale",         E),
-    ("experts.gate_up_proj",                "ffn_gate_up_exps.weight",    lambda a, il: (a.n_expert, 2 * a.moe_intermediate_size, a.hidden_size)),
-    ("experts.down_proj",                   "ffn_down_exps.weight",       lambda a, il: (a.n_expert, a.hidden_size, a.moe_intermediate_size)),
-    ("router.per_expert_scale",             "ffn_down_exps.scale",        lambda a, il: (a.n_expert,)),
-    ("layer_scalar",                        "layer_output_scale.weight",  lambda a, il: (1,)),
-]
-
-GLOBAL_TENSORS: list[tuple[str, str, Shape]] = [
-    ("embed_tokens.weight",                  "token_embd.weight",         lambda a, il: (a.vocab_size, a.hidden_size)),
-    ("norm.weight",                          "output_norm.weight",        E),
-    ("self_conditioning.pre_norm.weight",    "self_cond_pre_norm.weight", E),
-    ("self_conditioning.gate_proj.weight",   "self_cond_gate.weight",     lambda a, il: (a.intermediate_size, a.hidden_size)),
-    ("self_conditioning.up_proj.weight",     "self_cond_up.weight",       lambda a, il: (a.intermediate_size, a.hidden_size)),
-    ("self_conditioning.down_proj.weight",   "self_cond_down.weight",     lambda a, il: (a.hidden_size, a.intermediate_size)),
-]
 
 # The encoder's own per-layer scalar; everything else of the encoder's text model is tied.
 ENCODER_SCALAR = re.compile(r"model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
@@ -82,15 +45,9 @@ class Mapping:
 
 
 def expected_tensors(a: ArchParams) -> list[Mapping]:
-    """Every checkpoint tensor the converter writes, in output order (rope_freqs is generated)."""
-    out = [Mapping(DECODER + hf, gg, shape(a, 0)) for hf, gg, shape in GLOBAL_TENSORS]
-    for il in range(a.n_layer):
-        for hf, gg, shape in LAYER_TENSORS:
-            if hf == "self_attn.v_proj.weight" and not a.sliding[il]:
-                continue  # full-attention layers take V from the raw K projection
-            out.append(Mapping(f"{DECODER}layers.{il}.{hf}", f"blk.{il}.{gg}", shape(a, il)))
-        out.append(Mapping(f"{ENCODER_TEXT}layers.{il}.layer_scalar", f"blk.{il}.enc_layer_output_scale.weight", (1,)))
-    return out
+    """Every checkpoint tensor the converter writes, in output order (rope_freqs is generated, an untied
+    output head is added by the converter): the schema's tensors that have a Hugging Face source."""
+    return [Mapping(t.source, t.name, t.shape) for t in schema().tensors(layout(a)) if t.source is not None]
 
 
 OUT_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}

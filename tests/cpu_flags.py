@@ -18,14 +18,26 @@ def flags() -> frozenset[str]:
     return frozenset()
 
 
+AVX512 = ("avx512f", "fma")
+AVX512_VNNI = (*AVX512, "avx512vl", "avx512bw", "avx512_vnni")
+
+
 def has_avx512() -> bool:
     """AVX-512F with FMA: the self-conditioning kernel."""
-    return {"avx512f", "fma"} <= flags()
+    return set(AVX512) <= flags()
 
 
 def has_avx512_vnni() -> bool:
     """AVX-512 F, VL, BW and VNNI: the Q8_0 kernels."""
-    return has_avx512() and {"avx512vl", "avx512bw", "avx512_vnni"} <= flags()
+    return set(AVX512_VNNI) <= flags()
+
+
+def lacking(needed: tuple[str, ...], kernel: str) -> str:
+    """A skip reason: the flags a kernel needs, and those this CPU lacks (where the kernel cannot run,
+    the stock ggml op runs in its place, and comparing the two would compare ggml with itself)."""
+    missing = [f for f in needed if f not in flags()]
+    where = "this CPU lacks " + ", ".join(missing) if flags() else "/proc/cpuinfo lists no x86 flags here"
+    return f"the {kernel} kernel needs {', '.join(needed)}; {where} (ggml's stock op runs in its place)"
 
 
 def has_avx2() -> bool:

@@ -88,7 +88,7 @@ def inverse_cdf_f64(logits: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def test_the_device_is_there() -> None:
-    assert DEVICE in [d.name for d in pydgemma.devices()] or ON_CPU
+    assert DEVICE.upper() in [d.name.upper() for d in pydgemma.devices()]  # the CPU is always one
     ctx = under_test(Path(__file__).parent.parent / "models" / "demo" / "sudoku4-q8_0.gguf")
     assert ctx.model.device.upper() == DEVICE.upper() and ctx.kernels == []
 
@@ -209,7 +209,8 @@ def test_step_equals_denoise_then_host_sampler(paths: dict[str, Path], name: str
         assert decided.n_accepted == info.n_accepted and decided.stop == info.stop
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [m if not m.startswith("odd") else pytest.param(m, marks=pytest.mark.slow)
+                                  for m in MODELS])
 def test_generation_works_and_is_deterministic(paths: dict[str, Path], name: str) -> None:
     model = pydgemma.Model(paths[name], device=DEVICE)
     C = model.hparams["canvas_length"]

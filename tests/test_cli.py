@@ -91,9 +91,11 @@ def test_info_unknown_device(tiny_model_path: Path) -> None:
     assert result.stderr.startswith("error: unknown device 'gpu9' (available: auto, CPU")
 
 
-@pytest.mark.parametrize("args", [("info",), ("info", "-m")])
-def test_usage_errors_exit_2(args: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("args", "option"), [(("info",), "'--model'"), (("info", "-m"), "'-m'")])
+def test_usage_errors_exit_2(args: tuple[str, ...], option: str) -> None:
     result = run(*args)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "--model" in result.stderr or "-m" in result.stderr
+    # the error line names the option (the usage line always holds "-m": "python -m pydgemma")
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error:") and option in error, result.stderr

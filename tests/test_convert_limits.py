@@ -80,6 +80,7 @@ def limited(script: str, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_conversion_fits_in_less_memory_than_the_checkpoint(wide_checkpoint: Path, tmp_path: Path) -> None:
     ckpt_bytes = (wide_checkpoint / "model.safetensors").stat().st_size
     assert ckpt_bytes > LIMIT + 128 * 1024 * 1024
@@ -162,6 +163,7 @@ def _complete_model(path: Path) -> bool:
     return True
 
 
+@pytest.mark.slow  # SIGINT and SIGTERM above are the fast lane's interrupted conversions
 @pytest.mark.parametrize("delay", [0.05, 0.3, 0.8, 1.5])
 def test_sigkill_leaves_the_previous_file_and_the_next_run_cleans_up(wide_checkpoint: Path, tmp_path: Path,
                                                                      delay: float) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import pydgemma
-from cpu_flags import has_avx512, has_avx512_vnni
+from cpu_flags import AVX512, AVX512_VNNI, has_avx512, has_avx512_vnni, lacking
 
 ALL = set(pydgemma.CPU_KERNELS)
 
@@ -46,7 +46,7 @@ def _per_token(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
-@pytest.mark.skipif(not has_avx512_vnni(), reason="the Q8_0 kernels need AVX-512 VNNI (ggml's products run here)")
+@pytest.mark.skipif(not has_avx512_vnni(), reason=lacking(AVX512_VNNI, "Q8_0 matmul"))
 def test_q8_0_matmuls_match_ggml_bit_for_bit(converted: dict[str, Path]) -> None:
     """Steps without self-conditioning (the first, and one after a commit)."""
     ours, on = _logits(converted["q8_0"], ALL)
@@ -62,7 +62,7 @@ def test_q8_0_matmuls_match_ggml_bit_for_bit(converted: dict[str, Path]) -> None
     assert matrices and all(t.tensor_type.name == "Q8_0" and int(t.shape[0]) % 32 == 0 for t in matrices)
 
 
-@pytest.mark.skipif(not has_avx512(), reason="the self-conditioning kernel needs AVX-512 (ggml's product runs here)")
+@pytest.mark.skipif(not has_avx512(), reason=lacking(AVX512, "self-conditioning"))
 def test_self_conditioning_mix_differs_by_f16_rounding_only(converted: dict[str, Path]) -> None:
     ours, on = _logits(converted["f16"], ALL, sc_table="f16")  # the kernel takes an F16 table
     ggml_path, off = _logits(converted["f16"], ALL - {"self_cond_mix"}, sc_table="f16")
@@ -73,7 +73,7 @@ def test_self_conditioning_mix_differs_by_f16_rounding_only(converted: dict[str,
     np.testing.assert_array_equal(ours[[0, 2]], ggml_path[[0, 2]])  # no self-conditioning: nothing else changed
 
 
-@pytest.mark.skipif(not has_avx512(), reason="the self-conditioning kernel needs AVX-512 (ggml's product runs here)")
+@pytest.mark.skipif(not has_avx512(), reason=lacking(AVX512, "self-conditioning"))
 def test_q8_0_table_mix_keeps_the_probabilities_in_f32(converted: dict[str, Path]) -> None:
     """A Q8_0 table (the default for quantized embeddings): the kernel widens each value to F32 and
     keeps the probabilities F32, where ggml rounds the probabilities to Q8_0 too. Against the exact

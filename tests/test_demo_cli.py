@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pexpect
+import pytest
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -21,6 +22,7 @@ def test_default_run_solves_the_sample_puzzle() -> None:
     assert len(lines) == 6 and lines[-1].startswith("solved in ")
 
 
+@pytest.mark.slow
 def test_json_is_deterministic_and_solved() -> None:
     a, b = json.loads(run("--json", "--seed", "3").stdout), json.loads(run("--json", "--seed", "3").stdout)
     a.pop("seconds"), b.pop("seconds")
@@ -38,6 +40,7 @@ def test_visual_demo() -> None:
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow
 def test_demo_eval_accuracy() -> None:
     r = subprocess.run([sys.executable, "-m", "pydgemma", "demo", "--eval", "40", "--seed", "11"], capture_output=True,
                        text=True, timeout=300)
@@ -48,6 +51,7 @@ def test_demo_eval_accuracy() -> None:
     assert lines[1].startswith("mean steps per canvas: ") and lines[2].startswith("tokens per forward: ")
 
 
+@pytest.mark.slow
 def test_the_recipe_still_trains(tmp_path) -> None:
     """A few optimisation steps of the real recipe on a small batch, then our converter and loader:
     the recipe cannot rot without CI noticing (the full run takes ~13 minutes and is not repeated)."""

@@ -178,6 +178,7 @@ def test_the_reference_loop_is_dg_generate(demo: pydgemma.Model, converted: dict
             assert len(steps) == gen.n_forwards
 
 
+@pytest.mark.slow
 def test_identical_files_drift_by_exactly_zero(converted: dict[str, Path]) -> None:
     """The same file as reference and model: KL exactly 0 everywhere, every agreement 100 %.
     Two canvases per prompt, so teacher forcing also goes through a commit."""
@@ -258,6 +259,7 @@ def test_the_ci_reference_is_the_demo_models_f32(ci_q8: Path) -> None:
     assert ci_q8.read_bytes() == DEMO_Q8.read_bytes()
 
 
+@pytest.mark.slow
 def test_a_damaged_quant_fails_the_ci_gate(ci_q8: Path, tmp_path: Path) -> None:
     """The CI's Q8_0 passes its bounds; with one tensor's values perturbed it fails them, by name."""
     broken = damage(ci_q8, tmp_path / "broken.gguf", "blk.0.attn_q.weight")
@@ -305,6 +307,7 @@ def test_cli_report_and_summaries(tmp_path: Path) -> None:
     assert "| top-1 agreement | 100.00 % |" in md and "| 0-2 | 0 | 0 | 0 | 100.00 % |" in md
 
 
+@pytest.mark.slow
 def test_runtime_memory_choices_are_measured(tmp_path: Path) -> None:
     """The same file with the runtime's memory choices (F16 or Q8_0 KV entries, the default Q8_0
     table) against the exact reference: small but measurable drift, Q8_0 entries more than F16."""
@@ -321,6 +324,7 @@ def test_runtime_memory_choices_are_measured(tmp_path: Path) -> None:
     assert kl["q8_0"] > kl["f16"]
 
 
+@pytest.mark.slow
 def test_cli_plot(tmp_path: Path) -> None:  # matplotlib comes with the test extra
     r = drift_cli("--ref", str(DEMO_Q8), "-m", str(DEMO_Q8), "-o", str(tmp_path / "r.json"), "--canvases", "2",
                   "--plot", str(tmp_path / "kl.png"), "-q")

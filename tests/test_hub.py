@@ -213,6 +213,7 @@ def test_expired_cdn_link_is_asked_for_again(env, loopback: LoopbackHub, publish
     assert len(resolves) == 2  # the metadata, then a fresh link for the retry
 
 
+@pytest.mark.slow
 def test_interrupted_download_resumes_across_runs(env, loopback: LoopbackHub, tmp_path: Path) -> None:
     """`pydgemma pull` killed mid-download; the next one continues from the partial file."""
     data = np.random.default_rng(7).bytes(3 << 20)
@@ -307,6 +308,7 @@ def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.Com
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cli_pull_list_run_info(env, published, converted) -> None:
     out = cli(env, "pull", f"{REPO}:Q8_0", "-q")
     assert out.returncode == 0, out.stderr
@@ -373,6 +375,7 @@ def test_convert_a_checkpoint_from_the_hub(env, loopback: LoopbackHub, hf_tiny: 
         convert("pydgemma-test/other", tmp_path / "q.gguf")
 
 
+@pytest.mark.slow
 def test_quantize_and_drift_take_hub_references(env, published, converted, tmp_path: Path) -> None:
     from pydgemma.quantize.quantize import quantize
 

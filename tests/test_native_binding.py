@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pydgemma import _native
+from pydgemma.errors import PydgemmaError
 
 REPO = Path(__file__).resolve().parent.parent
 HEADER = REPO / "native" / "include" / "dgemma.h"
@@ -154,6 +155,7 @@ def test_c_program_uses_the_library(tmp_path: Path, tiny_model_path: Path) -> No
     ]
 
 
+@pytest.mark.slow
 def test_core_builds_warning_free(tmp_path: Path) -> None:
     """-Wall -Wextra -Wpedantic -Wshadow -Wconversion with -Werror, against the same ggml as the package."""
     cmake = shutil.which("cmake")
@@ -165,3 +167,101 @@ def test_core_builds_warning_free(tmp_path: Path) -> None:
     result = subprocess.run([cmake, "--build", str(build), "--parallel", "2"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "warning" not in (result.stdout + result.stderr).lower()
+
+
+def test_internal_error_status() -> None:
+    """DG_ERR_INTERNAL (a bug, not the input) was appended: the older codes keep their numbers."""
+    nat = _native.native()
+    codes = {name: getattr(nat.lib, name) for name in ("DG_OK", "DG_ERR_INVALID_ARG", "DG_ERR_IO", "DG_ERR_FORMAT",
+                                                       "DG_ERR_UNSUPPORTED", "DG_ERR_OUT_OF_MEMORY", "DG_ERR_BACKEND",
+                                                       "DG_ERR_INTERNAL")}
+    assert list(codes.values()) == list(range(8))
+    for name, code in codes.items():
+        assert nat.status_name(code) == name
+    assert nat.status_name(99) == "DG_ERR_UNKNOWN"
+    with pytest.raises(PydgemmaError) as e:
+        nat.check(nat.lib.DG_ERR_INTERNAL)
+    assert e.value.status == "DG_ERR_INTERNAL"
+
+
+def _null_call_args(nat: _native._Native, func: object) -> list[object]:
+    """NULL for every pointer parameter, 0 for every number."""
+    args: list[object] = []
+    for t in nat.ffi.typeof(func).args:
+        args.append(nat.ffi.NULL if t.kind == "pointer" else 0)
+    return args
+
+
+def test_every_call_that_can_be_misused_returns_a_status() -> None:
+    """Header convention: a function returns a dg_status unless it is a *_free (NULL: no-op), a
+    *_default_params, or a pure getter (a number, or a string that is NULL for a NULL handle). Every
+    status-returning function, called with NULL pointers and zeros, refuses with DG_ERR_INVALID_ARG
+    and says why, and every getter returns 0 or NULL for a NULL handle."""
+    nat = _native.native()
+    names = sorted(declared_functions(_native.cdef_from_header(HEADER.read_text())))
+    describing = {"dg_last_error", "dg_status_name", "dg_version", "dg_ggml_version"}  # never NULL
+    status_calls = []
+    for name in names:
+        func = getattr(nat.lib, name)
+        result = nat.ffi.typeof(func).result
+        if result.cname == "dg_status":
+            status_calls.append(name)
+            assert func(*_null_call_args(nat, func)) == nat.lib.DG_ERR_INVALID_ARG, name
+            assert nat.last_error(), f"{name} refused without a message"
+        elif result.cname == "void":
+            assert name.endswith("_free"), f"{name} returns void but is not a *_free"
+            func(*_null_call_args(nat, func))  # NULL is a no-op
+        elif name.endswith("_default_params"):
+            func(*_null_call_args(nat, func))  # a NULL model: the library's defaults
+        elif result.cname == "char *" or result.cname == "char const *" or result.kind == "pointer":
+            value = func(*_null_call_args(nat, func))
+            if name in describing:
+                assert value != nat.ffi.NULL, name
+            else:
+                assert value == nat.ffi.NULL, f"{name}(NULL) should be NULL (absent), not a string"
+        else:
+            assert result.kind == "primitive", (name, result.cname)
+            if name not in {"dg_abi_version", "dg_device_count"}:
+                assert func(*_null_call_args(nat, func)) == 0, name
+    assert len(status_calls) >= 25
+
+
+def test_absent_is_null_and_empty_is_empty(make_gguf, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metadata getters: NULL for an absent key or an index out of range, "" for a present, empty
+    value; the kernels of a context that uses none are "" (present, empty)."""
+    import gguf
+
+    nat = _native.native()
+    # gguf-py's add_string skips an empty value: write the key through add_key_value
+    monkeypatch.setattr(gguf.GGUFWriter, "add_empty_string",
+                        lambda self, key, val: self.add_key_value(key, val, gguf.GGUFValueType.STRING), raising=False)
+    path = make_gguf(set_keys={"general.name": ("empty_string", ""), "test.empty": ("empty_string", "")})
+    out = nat.ffi.new("dg_model **")
+    assert nat.lib.dg_model_load(str(path).encode(), nat.ffi.NULL, out) == 0
+    model = nat.ffi.gc(out[0], nat.lib.dg_model_free)
+    for key in (b"general.name", b"test.empty"):
+        value = nat.lib.dg_model_meta_get(model, key)
+        assert value != nat.ffi.NULL and nat.ffi.string(value) == b""
+    assert nat.lib.dg_model_meta_get(model, b"no.such.key") == nat.ffi.NULL
+    assert nat.lib.dg_model_meta_get(model, nat.ffi.NULL) == nat.ffi.NULL
+    n = nat.lib.dg_model_n_meta(model)
+    keys = [nat.ffi.string(nat.lib.dg_model_meta_key(model, i)) for i in range(n)]
+    assert nat.ffi.string(nat.lib.dg_model_meta_value(model, keys.index(b"test.empty"))) == b""
+    assert nat.lib.dg_model_meta_key(model, n) == nat.ffi.NULL
+    assert nat.lib.dg_model_meta_value(model, n) == nat.ffi.NULL
+    assert nat.ffi.string(nat.lib.dg_model_device(model)) == b"CPU"
+
+    params = nat.ffi.new("dg_context_params *", nat.lib.dg_context_default_params())
+    params.n_ctx = 64
+    params.cpu_kernels = 0
+    ctx_out = nat.ffi.new("dg_context **")
+    assert nat.lib.dg_context_new(model, params, ctx_out) == 0
+    ctx = nat.ffi.gc(ctx_out[0], nat.lib.dg_context_free)
+    kernels = nat.lib.dg_context_kernels(ctx)
+    assert kernels != nat.ffi.NULL and nat.ffi.string(kernels) == b""
+    assert nat.lib.dg_context_reset(ctx) == 0
+    assert nat.lib.dg_context_imatrix_stop(ctx) == 0 and nat.lib.dg_context_imatrix_clear(ctx) == 0
+    del ctx
+    # the library's own descriptions are never NULL, even with nothing to say
+    assert nat.lib.dg_last_error() != nat.ffi.NULL
+    assert nat.ffi.string(nat.lib.dg_version()) and nat.ffi.string(nat.lib.dg_ggml_version())

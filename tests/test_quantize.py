@@ -32,6 +32,7 @@ def test_use_more_bits_layers_match_the_spec() -> None:
     assert [i for i in range(25) if use_more_bits(i, 25)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23, 24]
 
 
+@pytest.mark.slow
 def test_q4_k_m_plan_of_the_real_26b_shapes(tmp_path: Path) -> None:
     """The spec's Q4_K_M table, on a header-only file with the real shapes (no weights read)."""
     path = tiny_gguf.write_gguf(tmp_path / "real.gguf", tiny_gguf.REAL_26B, header_only=True)
@@ -88,7 +89,8 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.n
     return path, values
 
 
-@pytest.mark.parametrize("mix", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "NVFP4", "F16", "BF16"])
+@pytest.mark.parametrize("mix", ["Q4_K_M", pytest.param("Q5_K_M", marks=pytest.mark.slow),
+                                 pytest.param("Q6_K", marks=pytest.mark.slow), "Q8_0", "NVFP4", "F16", "BF16"])
 def test_round_trip_errors_and_bytes(wide, tmp_path: Path, mix: str) -> None:
     path, source = wide
     result = quantize(path, tmp_path / f"{mix}.gguf", mix=mix)
@@ -114,14 +116,18 @@ def test_round_trip_errors_and_bytes(wide, tmp_path: Path, mix: str) -> None:
                                                    "F16": 1, "BF16": 32}[mix])
 
 
-@pytest.mark.parametrize("mix", ["Q4_K_M", "Q8_0", "NVFP4"])
+@pytest.mark.parametrize("mix", [pytest.param("Q4_K_M", marks=pytest.mark.slow), "Q8_0", "NVFP4"])
 def test_quantized_models_generate(wide, tmp_path: Path, mix: str) -> None:
     path, _ = wide
     q = quantize(path, tmp_path / f"{mix}.gguf", mix=mix).path
-    gen = pydgemma.Model(q).generate("hello", max_new_tokens=16, seed=1, max_steps=8)
-    assert gen.steps and (gen.tokens or gen.hit_eos)
+    model = pydgemma.Model(q)
+    gen = model.generate("hello", max_new_tokens=16, seed=1, max_steps=8)
+    assert len(gen.steps) == 1 and 1 <= gen.steps[0] <= 8 and gen.n_forwards == gen.steps[0]  # one canvas of 16
+    assert len(gen.tokens) < 16 if gen.hit_eos else len(gen.tokens) == 16
+    assert all(0 <= t < model.hparams["n_vocab"] for t in gen.tokens)
 
 
+@pytest.mark.slow
 def test_more_bits_means_closer_logits(wide, tmp_path: Path) -> None:
     """First-step logits against the F32 file: Q8_0 closer than Q4_K_M."""
     path, _ = wide

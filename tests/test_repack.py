@@ -66,6 +66,7 @@ def test_repacked_weights_are_as_close_to_f32_as_plain_ones(models: dict[str, Pa
 @pytest.mark.skipif("AVX512" not in _ggml_cpu_features(),
                     reason="ggml's AVX2 repacked Q4_K kernels compute differently from its plain ones (not only in "
                            "summation order); the test above covers them")
+@pytest.mark.slow
 def test_avx512_repacked_kernels_move_logits_far_less_than_the_quantization(models: dict[str, Path]) -> None:
     """The repacked AVX-512 Q4_K kernels sum in another order than the plain ones. Each product's
     activations are then rounded to Q8_K for the next, so ulp differences flip roundings and cascade

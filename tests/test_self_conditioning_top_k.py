@@ -54,6 +54,7 @@ def test_top_k_over_the_whole_vocabulary_is_exact(setup) -> None:
     assert _rel(_denoise(model, prompt, canvas, sc, V), _denoise(model, prompt, canvas, sc, 0)) < 1e-5
 
 
+@pytest.mark.slow
 def test_top_k_drift_shrinks_with_k(setup) -> None:
     model, prompt, canvas, sc = setup
     exact = _denoise(model, prompt, canvas, sc, 0)
@@ -69,6 +70,7 @@ def test_bad_k_is_refused(setup) -> None:
         model.context(n_ctx=64, sc_top_k=-1)
 
 
+@pytest.mark.slow
 def test_cli_run_with_top_k(converted: dict[str, Path]) -> None:
     r = subprocess.run([sys.executable, "-m", "pydgemma", "run", "-m", str(converted["f32"]), "-p", "hi", "--seed", "1",
                         "--steps", "4", "--sc-top-k", "8", "--json"], capture_output=True, text=True, timeout=300)
@@ -80,6 +82,7 @@ def test_cli_run_with_top_k(converted: dict[str, Path]) -> None:
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "exceeds the vocabulary" in r.stderr
 
 
+@pytest.mark.slow
 def test_drift_measures_the_approximation(converted: dict[str, Path], tmp_path: Path) -> None:
     """`pydgemma-quantize drift --sc-top-k K` with the same file as reference and model measures the
     approximation alone: nothing over the whole vocabulary, something for k = 1."""

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 import pydgemma
-from pydgemma.models.demo import train as sudoku
+from pydgemma.models.demo import sudoku
 from pydgemma.run_cli import demo_model_path
 from server_process import ServerProcess
 
@@ -184,6 +184,7 @@ def test_errors(demo_server: ServerProcess, client: openai.OpenAI) -> None:
     assert demo_server.proc.poll() is None  # still serving
 
 
+@pytest.mark.slow
 def test_api_key_and_a_full_queue() -> None:
     server = ServerProcess("--max-queue", "1", "--api-key", "s3cret")
     try:
@@ -243,6 +244,7 @@ WEATHER = [{"type": "function", "function": {
                    "required": ["city"]}}}]
 
 
+@pytest.mark.slow
 def test_tools_are_declared_by_the_template_and_results_fed_back(tiny_server: ServerProcess,
                                                                  converted: dict[str, Path]) -> None:
     from pydgemma.tools import CALL_OPEN, normalize_messages
@@ -277,6 +279,7 @@ def test_tools_are_declared_by_the_template_and_results_fed_back(tiny_server: Se
     assert "<|tool_response>response:get_weather{" in text and "<|tool_call>call:get_weather{city:" in text
 
 
+@pytest.mark.slow
 def test_earlier_thoughts_are_not_in_the_prompt(tiny_server: ServerProcess, converted: dict[str, Path]) -> None:
     model = pydgemma.Model(converted["f32"])
     ask = [{"role": "user", "content": "hi"}]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import pydgemma
-from pydgemma.models.demo import train as sudoku
+from pydgemma.models.demo import sudoku
 from pydgemma.run_cli import demo_model_path
 from server_process import ServerProcess
 
@@ -118,6 +118,7 @@ def test_page_is_one_offline_file() -> None:
         assert f'id="{name}"' in html, name
 
 
+@pytest.mark.slow
 def test_page_solves_a_sudoku_and_draws_the_canvas(page, server: ServerProcess, demo_model: pydgemma.Model,
                                                    tmp_path: Path) -> None:
     from PIL import Image

@@ -197,6 +197,7 @@ def test_bad_sizes(text: str) -> None:
         parse_size(text)
 
 
+@pytest.mark.slow
 def test_quantize_cli_writes_parts(twins, tmp_path: Path) -> None:
     """pydgemma-quantize quantize --split-max-size: the parts named in the summary, the same tensors
     as the unsplit quantization; and quantizing from the split F32 model equals quantizing from its
@@ -223,6 +224,7 @@ def test_quantize_cli_writes_parts(twins, tmp_path: Path) -> None:
     assert len(pydgemma.Model(parts[0]).tensors) == len(pydgemma.Model(whole).tensors)
 
 
+@pytest.mark.slow
 def test_convert_cli_writes_parts_and_refuses_a_bad_size(hf_tiny: Path, twins, tmp_path: Path) -> None:
     _, split = twins["f32"]
     cmd = [sys.executable, "-m", "pydgemma.quantize", "convert", str(hf_tiny), "-t", "f32", "-o", str(tmp_path / "f32-split.gguf")]

@@ -226,6 +226,7 @@ def test_reload_gives_identical_logits(tiny_hf_model) -> None:
     assert a1.std() > 1.0  # logits are spread, not near-uniform
 
 
+@pytest.mark.slow
 def test_fp32_and_fp64_logits_agree(tiny_hf_model) -> None:
     assert precision_gap(tiny_hf_model) <= 1e-4
 

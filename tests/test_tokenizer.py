@@ -199,16 +199,11 @@ def test_special_token_text_is_matched_whole(tiny_pair) -> None:
 def test_parse_special_false_tokenizes_text(pair) -> None:
     model, hf, types = pair
     strings = make_strings(specials_of(hf), n=120, seed=99)
-    try:
-        hf.encode("<bos>", add_special_tokens=False, split_special_tokens=True)
-        supported = True
-    except TypeError:
-        supported = False
     special_ids = {i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)}
     for s in strings:
         ours = model.tokenize(s, add_special=False, parse_special=False)
-        if supported:
-            assert ours == hf.encode(s, add_special_tokens=False, split_special_tokens=True), repr(s)
+        # split_special_tokens: transformers' own spelling of parse_special=False (the pinned 5.23 has it)
+        assert ours == hf.encode(s, add_special_tokens=False, split_special_tokens=True), repr(s)
         if "<" in s:
             assert not (set(ours) & special_ids), repr(s)
     assert model.tokenize("<bos>x", add_special=True, parse_special=False)[0] == hf.bos_token_id
@@ -372,3 +367,24 @@ def test_malformed_tokenizer_metadata(make_gguf) -> None:
             with pytest.raises(pydgemma.ModelError, match=r"^tokenizer.ggml.bos_token_id = 500 is outside the vocabulary \(96 tokens\)$") as e:
                 model.tokenize("x")
             assert e.value.status == "DG_ERR_FORMAT"
+
+
+def test_end_of_generation_tokens_are_the_tokenizers(make_gguf) -> None:
+    """The tokenizer owns the end-of-generation tokens: eos_token_id first, then the tokens spelled
+    <eos>, <turn|> and <|tool_response> in vocabulary order, each once; the model's defaults
+    (dg_generate_default_params) are those ids."""
+    with pydgemma.Model(make_gguf()) as model:  # eos_token_id 1 is <eos>; <turn|> is 6
+        assert model.eog_ids == [1, 6]
+        assert [model.tokenize(t, add_special=False) for t in ("<eos>", "<turn|>")] == [[1], [6]]
+    tokens = tiny_gguf.vocab(tiny_gguf.tiny())
+    tokens[-1] = "<|tool_response>"
+    with pydgemma.Model(make_gguf(set_keys={"tokenizer.ggml.tokens": ("array", tokens),
+                                            "tokenizer.ggml.eos_token_id": ("uint32", 4)})) as model:
+        assert model.eog_ids == [4, 1, 6, len(tokens) - 1]
+    with pydgemma.Model(make_gguf(drop_keys=("tokenizer.ggml.eos_token_id",))) as model:
+        assert model.eog_ids == [1, 6]
+    # a vocabulary the tokenizer cannot use still has its end-of-generation tokens; tokenizing fails
+    with pydgemma.Model(make_gguf(set_keys={"tokenizer.ggml.bos_token_id": ("uint32", 500)})) as model:
+        assert model.eog_ids == [1, 6]
+        with pytest.raises(pydgemma.ModelError, match="bos_token_id = 500"):
+            model.tokenize("x")

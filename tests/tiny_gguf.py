@@ -1,7 +1,9 @@
 """Writes diffusion-gemma GGUF files for tests with the `gguf` package, independently of our core.
 
-The layout follows shared/spec/gguf-diffusion-gemma.md sections 1-2 as written there (the spec is
-the oracle here, not our C++ tables). `write_gguf` can drop or change any key or tensor so that the
+The layout is docs/spec/gguf-diffusion-gemma.md sections 1-2 as
+pydgemma/gguf/diffusion_gemma_schema.json holds it (the one source the loader's C++ tables are
+generated from): tensor names, shapes, the metadata keys, their order and GGUF types come from there,
+the values from a `Config`. `write_gguf` can drop or change any key or tensor so that the
 loader's negative paths can be exercised one by one, and can write a header-only sparse file with
 the real 26B-A4B shapes.
 """
@@ -17,7 +19,9 @@ from typing import Any, Iterator
 import gguf
 import numpy as np
 
-ARCH = "diffusion-gemma"
+from pydgemma.gguf.schema import Layout, schema
+
+ARCH = schema().architecture
 
 
 @dataclass(frozen=True)
@@ -62,55 +66,23 @@ REAL_26B = Config(
 class TensorSpec:
     name: str
     shape: tuple[int, ...]  # numpy / torch order (the reverse of GGUF ne)
-    vector: bool  # norms, scales, frequencies: F32
+    vector: bool  # stored as F32: norms, scales, frequencies and the router (the schema's f32)
+
+
+def layout(cfg: Config) -> Layout:
+    pattern = cfg.pattern()
+    return Layout(n_embd=cfg.n_embd, n_vocab=cfg.n_vocab, n_ff=cfg.n_ff, n_ff_exp=cfg.n_ff_exp, n_expert=cfg.n_expert,
+                  n_head=cfg.n_head, n_rot=cfg.head_dim,
+                  head_dim=tuple(cfg.head_dim_swa if s else cfg.head_dim for s in pattern),
+                  n_head_kv=tuple(cfg.n_head_kv_swa if s else cfg.n_head_kv_full for s in pattern), sliding=pattern)
 
 
 def tensor_specs(cfg: Config, *, self_cond: bool = True, self_cond_norm: str = "self_cond_pre_norm",
                  split_experts: bool = False, output_weight: bool = False) -> Iterator[TensorSpec]:
     """Every tensor of the layout, in the converter's order (rope_freqs first)."""
-    E, V, F, X, N = cfg.n_embd, cfg.n_vocab, cfg.n_ff, cfg.n_ff_exp, cfg.n_expert
-    yield TensorSpec("rope_freqs.weight", (cfg.head_dim // 2,), True)
-    yield TensorSpec("token_embd.weight", (V, E), False)
-    if output_weight:
-        yield TensorSpec("output.weight", (V, E), False)
-    yield TensorSpec("output_norm.weight", (E,), True)
-    if self_cond:
-        yield TensorSpec(f"{self_cond_norm}.weight", (E,), True)
-        yield TensorSpec("self_cond_gate.weight", (F, E), False)
-        yield TensorSpec("self_cond_up.weight", (F, E), False)
-        yield TensorSpec("self_cond_down.weight", (E, F), False)
-    for il, sliding in enumerate(cfg.pattern()):
-        hd = cfg.head_dim_swa if sliding else cfg.head_dim
-        kv = cfg.n_head_kv_swa if sliding else cfg.n_head_kv_full
-        p = f"blk.{il}."
-        yield TensorSpec(p + "attn_norm.weight", (E,), True)
-        yield TensorSpec(p + "attn_q.weight", (cfg.n_head * hd, E), False)
-        yield TensorSpec(p + "attn_k.weight", (kv * hd, E), False)
-        if sliding:
-            yield TensorSpec(p + "attn_v.weight", (kv * hd, E), False)
-        yield TensorSpec(p + "attn_output.weight", (E, cfg.n_head * hd), False)
-        yield TensorSpec(p + "attn_q_norm.weight", (hd,), True)
-        yield TensorSpec(p + "attn_k_norm.weight", (hd,), True)
-        yield TensorSpec(p + "post_attention_norm.weight", (E,), True)
-        yield TensorSpec(p + "ffn_norm.weight", (E,), True)
-        yield TensorSpec(p + "ffn_gate.weight", (F, E), False)
-        yield TensorSpec(p + "ffn_up.weight", (F, E), False)
-        yield TensorSpec(p + "ffn_down.weight", (E, F), False)
-        yield TensorSpec(p + "post_ffw_norm_1.weight", (E,), True)
-        yield TensorSpec(p + "pre_ffw_norm_2.weight", (E,), True)
-        yield TensorSpec(p + "post_ffw_norm_2.weight", (E,), True)
-        yield TensorSpec(p + "post_ffw_norm.weight", (E,), True)
-        yield TensorSpec(p + "ffn_gate_inp.weight", (N, E), True)  # router: F32 (a matrix)
-        yield TensorSpec(p + "ffn_gate_inp.scale", (E,), True)
-        if split_experts:
-            yield TensorSpec(p + "ffn_gate_exps.weight", (N, X, E), False)
-            yield TensorSpec(p + "ffn_up_exps.weight", (N, X, E), False)
-        else:
-            yield TensorSpec(p + "ffn_gate_up_exps.weight", (N, 2 * X, E), False)
-        yield TensorSpec(p + "ffn_down_exps.weight", (N, E, X), False)
-        yield TensorSpec(p + "ffn_down_exps.scale", (N,), True)
-        yield TensorSpec(p + "layer_output_scale.weight", (1,), True)
-        yield TensorSpec(p + "enc_layer_output_scale.weight", (1,), True)
+    for t in schema().tensors(layout(cfg), output_weight=output_weight, self_cond=self_cond,
+                              self_cond_norm=f"{self_cond_norm}.weight", split_experts=split_experts):
+        yield TensorSpec(t.name, t.shape, t.spec.f32)
 
 
 def rope_freqs(cfg: Config) -> np.ndarray:
@@ -128,51 +100,38 @@ def vocab(cfg: Config) -> list[str]:
     return tokens
 
 
+def hparams(cfg: Config) -> dict[str, Any]:
+    """The loader's hyper-parameters (dg_hparams names, the schema's `hparam`) that a file of `cfg` sets."""
+    return dict(n_ctx_train=cfg.context_length, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_ff=cfg.n_ff,
+                n_ff_exp=cfg.n_ff_exp, n_expert=cfg.n_expert, n_expert_used=cfg.n_expert_used, n_head=cfg.n_head,
+                head_dim=cfg.head_dim, head_dim_swa=cfg.head_dim_swa, rms_norm_eps=cfg.rms_eps,
+                sliding_window=cfg.sliding_window, rope_freq_base=cfg.rope_theta, rope_freq_base_swa=cfg.rope_theta_swa,
+                n_rot=cfg.head_dim, n_rot_swa=cfg.head_dim_swa, final_logit_softcap=cfg.softcap,
+                canvas_length=cfg.canvas_length)
+
+
 def metadata(cfg: Config) -> list[tuple[str, str, Any]]:
-    """(key, gguf writer method, value) in the order the converter writes them."""
+    """(key, gguf writer method, value) in the order the converter writes them: the schema's keys, with
+    their GGUF types, that a tiny file carries."""
     A = ARCH
     tokens = vocab(cfg)
-    kv = [cfg.n_head_kv_swa if s else cfg.n_head_kv_full for s in cfg.pattern()]
-    return [
-        ("general.type", "string", "model"),
-        ("general.name", "string", "tiny-diffusion-gemma"),
-        (f"{A}.context_length", "uint32", cfg.context_length),
-        (f"{A}.embedding_length", "uint32", cfg.n_embd),
-        (f"{A}.block_count", "uint32", cfg.n_layer),
-        (f"{A}.feed_forward_length", "uint32", cfg.n_ff),
-        (f"{A}.expert_feed_forward_length", "uint32", cfg.n_ff_exp),
-        (f"{A}.expert_count", "uint32", cfg.n_expert),
-        (f"{A}.expert_used_count", "uint32", cfg.n_expert_used),
-        (f"{A}.attention.head_count", "uint32", cfg.n_head),
-        (f"{A}.attention.head_count_kv", "array", kv),
-        (f"{A}.attention.key_length", "uint32", cfg.head_dim),
-        (f"{A}.attention.value_length", "uint32", cfg.head_dim),
-        (f"{A}.attention.key_length_swa", "uint32", cfg.head_dim_swa),
-        (f"{A}.attention.value_length_swa", "uint32", cfg.head_dim_swa),
-        (f"{A}.attention.layer_norm_rms_epsilon", "float32", cfg.rms_eps),
-        (f"{A}.attention.sliding_window", "uint32", cfg.sliding_window),
-        (f"{A}.attention.sliding_window_pattern", "array", list(cfg.pattern())),
-        (f"{A}.attention.causal", "bool", False),
-        (f"{A}.rope.freq_base", "float32", cfg.rope_theta),
-        (f"{A}.rope.freq_base_swa", "float32", cfg.rope_theta_swa),
-        (f"{A}.rope.dimension_count", "uint32", cfg.head_dim),
-        (f"{A}.rope.dimension_count_swa", "uint32", cfg.head_dim_swa),
-        (f"{A}.final_logit_softcapping", "float32", cfg.softcap),
-        ("diffusion.canvas_length", "uint32", cfg.canvas_length),
-        ("diffusion.eb_max_steps", "uint32", 48),
-        ("diffusion.eb_t_min", "float32", 0.4),
-        ("diffusion.eb_t_max", "float32", 0.8),
-        ("tokenizer.ggml.model", "string", "gemma4"),
-        ("tokenizer.ggml.tokens", "array", tokens),
-        ("tokenizer.ggml.scores", "array", [-1000.0] * len(tokens)),
-        ("tokenizer.ggml.token_type", "array", [3 if t.startswith("<") and not t.startswith("<0x") else 1 for t in tokens]),
-        ("tokenizer.ggml.merges", "array", ["t o", "to k"]),
-        ("tokenizer.ggml.bos_token_id", "uint32", 2),
-        ("tokenizer.ggml.eos_token_id", "uint32", 1),
-        ("tokenizer.ggml.padding_token_id", "uint32", 0),
-        ("tokenizer.ggml.mask_token_id", "uint32", 4),
-        ("tokenizer.ggml.add_bos_token", "bool", True),
-    ]
+    hp = hparams(cfg)
+    values = {k.name: hp[k.hparam] for k in schema().keys if k.hparam in hp}
+    values.update({
+        "general.type": "model", "general.name": "tiny-diffusion-gemma",
+        f"{A}.attention.head_count_kv": [cfg.n_head_kv_swa if s else cfg.n_head_kv_full for s in cfg.pattern()],
+        f"{A}.attention.sliding_window_pattern": list(cfg.pattern()), f"{A}.attention.causal": False,
+        "diffusion.eb_max_steps": 48, "diffusion.eb_t_min": 0.4, "diffusion.eb_t_max": 0.8,
+        "tokenizer.ggml.model": schema().tokenizer_model, "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": [-1000.0] * len(tokens),
+        "tokenizer.ggml.token_type": [3 if t.startswith("<") and not t.startswith("<0x") else 1 for t in tokens],
+        "tokenizer.ggml.merges": ["t o", "to k"], "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.ggml.padding_token_id": 0, "tokenizer.ggml.mask_token_id": 4, "tokenizer.ggml.add_bos_token": True,
+    })
+    unknown = sorted(set(values) - {k.name for k in schema().keys})
+    if unknown:
+        raise KeyError(f"'{unknown[0]}' is not a metadata key of the schema")
+    return [(k.name, k.written_as.lower(), values[k.name]) for k in schema().keys if k.name in values]
 
 
 def write_gguf(

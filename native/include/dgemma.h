@@ -4,11 +4,20 @@
  * Conventions (they hold for every function below):
  *   - Objects are opaque handles, created by a load or new call and released by the matching free.
  *   - Parameter structs come from *_default_params(); change only the fields you care about.
- *   - Functions that can fail return a dg_status. On failure dg_last_error() returns a one-line,
- *     human-readable message for the calling thread; it stays valid until the next failing call on
- *     that thread. The library never calls abort() or exit() on bad input.
+ *   - Functions that can fail, or be misused (a NULL handle, a NULL buffer, an index out of range),
+ *     return a dg_status. On failure dg_last_error() returns a one-line, human-readable message for
+ *     the calling thread; it stays valid until the next failing call on that thread. The library
+ *     never calls abort() or exit() on bad input. DG_ERR_INTERNAL means a bug in this library (an
+ *     invariant that failed), never a property of the input or of the machine.
+ *   - The exceptions, which cannot fail: the *_free calls (NULL is a no-op), the *_default_params
+ *     calls, and pure getters of a count, size or value (dg_model_n_tensors, dg_context_n_past, ...),
+ *     which return 0 for a NULL handle.
  *   - Strings returned as `const char *` are owned by the library (by the handle they came from, or
- *     static); never free them.
+ *     static); never free them. Absent is NULL, present but empty is "": a getter returns NULL for a
+ *     NULL handle, an index out of range or a key that is not there, and "" only for a string that
+ *     exists and is empty (a context using no CPU kernels, a device reporting no features). The
+ *     calls that describe the library itself (dg_last_error, dg_status_name, dg_version,
+ *     dg_ggml_version) never return NULL.
  *
  *   - Calls on a context are named dg_context_* (the oldest three, dg_prefill, dg_denoise and
  *     dg_commit, keep their names).
@@ -44,7 +53,7 @@ extern "C" {
 
 /* --- cffi:begin --- */
 
-#define DG_ABI_VERSION 2
+#define DG_ABI_VERSION 3
 
 /* The DG_ABI_VERSION this library was built with. */
 DG_API int32_t dg_abi_version(void);
@@ -56,12 +65,13 @@ typedef enum dg_status {
     DG_ERR_FORMAT         = 3, /* not a GGUF file, or a GGUF that is not a valid DiffusionGemma */
     DG_ERR_UNSUPPORTED    = 4, /* valid, but uses something this build cannot run            */
     DG_ERR_OUT_OF_MEMORY  = 5,
-    DG_ERR_BACKEND        = 6  /* a ggml backend or device failed                             */
+    DG_ERR_BACKEND        = 6, /* a ggml backend or device failed                             */
+    DG_ERR_INTERNAL       = 7  /* a bug: an invariant of this library failed (please report it) */
 } dg_status;
 
 /* Message of the last failed call on this thread ("" when none). */
 DG_API const char * dg_last_error(void);
-/* Short name of a status code, e.g. "DG_ERR_FORMAT". */
+/* Short name of a status code, e.g. "DG_ERR_FORMAT" ("DG_ERR_UNKNOWN" for a value not listed above). */
 DG_API const char * dg_status_name(dg_status status);
 
 /* Version of this library ("MAJOR.MINOR.PATCH") and of the ggml it runs on. */
@@ -114,7 +124,8 @@ DG_API dg_model_params dg_model_default_params(void);
 DG_API dg_status dg_model_load(const char * path, const dg_model_params * params, dg_model ** out_model);
 DG_API void      dg_model_free(dg_model * model);
 
-/* The device the model was placed on (resolved from params.device) and the thread count. */
+/* The device the model was placed on (resolved from params.device; NULL for a NULL model) and the
+ * thread count. */
 DG_API const char * dg_model_device(const dg_model * model);
 DG_API int32_t      dg_model_n_threads(const dg_model * model);
 
@@ -170,11 +181,12 @@ DG_API size_t    dg_model_n_tensors(const dg_model * model);
 DG_API dg_status dg_model_tensor(const dg_model * model, size_t index, dg_tensor_info * out);
 
 /* Metadata key/value pairs in file order. Values are rendered as text; arrays show their first
- * items and their length, e.g. "[true, true, false, ...] (30 items)". */
+ * items and their length, e.g. "[true, true, false, ...] (30 items)"; an empty string value is "".
+ * Key and value are NULL for a NULL model or an index out of range. */
 DG_API size_t       dg_model_n_meta(const dg_model * model);
 DG_API const char * dg_model_meta_key(const dg_model * model, size_t index);
 DG_API const char * dg_model_meta_value(const dg_model * model, size_t index);
-/* The value of `key` rendered as text, or NULL when the key is absent. */
+/* The value of `key` rendered as text, or NULL when the key is absent (or model or key is NULL). */
 DG_API const char * dg_model_meta_get(const dg_model * model, const char * key);
 
 /* Size of the file in bytes (a split model: of all its parts). */
@@ -267,7 +279,7 @@ DG_API dg_status dg_denoise(dg_context * ctx, const int32_t * canvas, size_t n_c
 /* Appends a finished canvas to the cache through the encoder, before the next canvas. */
 DG_API dg_status dg_commit(dg_context * ctx, const int32_t * canvas, size_t n_canvas);
 /* Empties the cache. */
-DG_API void      dg_context_reset(dg_context * ctx);
+DG_API dg_status dg_context_reset(dg_context * ctx);
 /* Keeps only the first n_past cached tokens (n_past <= dg_context_n_past), e.g. to reuse a shared
  * prefix of the next prompt. */
 DG_API dg_status dg_context_truncate(dg_context * ctx, uint32_t n_past);
@@ -275,7 +287,7 @@ DG_API uint32_t  dg_context_n_past(const dg_context * ctx);
 DG_API uint32_t  dg_context_n_ctx(const dg_context * ctx);
 /* The CPU kernels this context's graphs use, space-separated DG_CPU_KERNEL_* names in lower case
  * without the prefix, e.g. "q8_0_matmul self_cond_mix activations sampler" ("" for none: stock ggml
- * ops only, as on every non-CPU device). */
+ * ops only, as on every non-CPU device; NULL for a NULL context). */
 DG_API const char * dg_context_kernels(const dg_context * ctx);
 
 /* One denoising step of a canvas, on the model's device (what dg_generate runs): the decoder pass,
@@ -363,9 +375,9 @@ typedef struct dg_imatrix_entry {
 /* Starts (or resumes) collecting; what was collected before is kept. */
 DG_API dg_status dg_context_imatrix_start(dg_context * ctx);
 /* Stops collecting; the data stays readable. */
-DG_API void      dg_context_imatrix_stop(dg_context * ctx);
+DG_API dg_status dg_context_imatrix_stop(dg_context * ctx);
 /* Drops the collected data. */
-DG_API void      dg_context_imatrix_clear(dg_context * ctx);
+DG_API dg_status dg_context_imatrix_clear(dg_context * ctx);
 /* Entries in the order their weights were first used. The pointers in *out are owned by the
  * context and stay valid until dg_context_imatrix_clear or dg_context_free; the values they point
  * to grow with each later pass while collecting. */
@@ -405,8 +417,8 @@ DG_API dg_status         dg_sampler_new(const dg_sampler_params * params, uint32
                                         dg_sampler ** out_sampler);
 DG_API void              dg_sampler_free(dg_sampler * sampler);
 /* Fills `canvas` [canvas_len] with uniform random ids and starts a new canvas (step 0). */
-DG_API void              dg_sampler_init_canvas(dg_sampler * sampler, int32_t * canvas);
-/* The temperature the next step will use. */
+DG_API dg_status         dg_sampler_init_canvas(dg_sampler * sampler, int32_t * canvas);
+/* The temperature the next step will use (0 for a NULL sampler). */
 DG_API float             dg_sampler_temperature(const dg_sampler * sampler);
 /* The uniforms in (0, 1) of the next step's categorical draws, [canvas_len] (one per position, from
  * the seed, canvas and step): what dg_context_step takes. */
@@ -471,6 +483,9 @@ typedef struct dg_generate_result {
     uint64_t bytes_from_device;
 } dg_generate_result;
 
+/* max_new_tokens 256, no callback, and the model's end-of-generation tokens (its tokenizer's: its
+ * eos_token_id and the tokens spelled <eos>, <turn|> and <|tool_response>; none for a NULL model).
+ * eos_ids points into the model. */
 DG_API dg_generate_params dg_generate_default_params(const dg_model * model);
 /* `tokens_out` holds max_new_tokens ids; `steps_out` (may be NULL) receives the step count of each
  * canvas and holds ceil(max_new_tokens / canvas_length) entries. */

@@ -47,17 +47,17 @@ dg_status guarded(Fn && fn) {
         fn();
         return DG_OK;
     } catch (const dg::Error & e) {
-        dg::set_last_error(e.what());
+        dg::set_last_error(e.status() == DG_ERR_INTERNAL ? std::string("internal error: ") + e.what() : e.what());
         return e.status();
     } catch (const std::bad_alloc &) {
         dg::set_last_error("out of memory");
         return DG_ERR_OUT_OF_MEMORY;
-    } catch (const std::exception & e) {
+    } catch (const std::exception & e) {  // from the standard library or ggml, never expected
         dg::set_last_error(std::string("internal error: ") + e.what());
-        return DG_ERR_BACKEND;
+        return DG_ERR_INTERNAL;
     } catch (...) {
         dg::set_last_error("internal error: unknown exception");
-        return DG_ERR_BACKEND;
+        return DG_ERR_INTERNAL;
     }
 }
 
@@ -97,6 +97,7 @@ const char * dg_status_name(dg_status status) {
         case DG_ERR_UNSUPPORTED:   return "DG_ERR_UNSUPPORTED";
         case DG_ERR_OUT_OF_MEMORY: return "DG_ERR_OUT_OF_MEMORY";
         case DG_ERR_BACKEND:       return "DG_ERR_BACKEND";
+        case DG_ERR_INTERNAL:      return "DG_ERR_INTERNAL";
     }
     return "DG_ERR_UNKNOWN";
 }
@@ -142,7 +143,7 @@ dg_status dg_model_load(const char * path, const dg_model_params * params, dg_mo
 void dg_model_free(dg_model * model) { delete model; }
 
 const char * dg_model_device(const dg_model * model) {
-    return model != nullptr ? model->impl->device_name().c_str() : "";
+    return model != nullptr ? model->impl->device_name().c_str() : nullptr;
 }
 
 int32_t dg_model_n_threads(const dg_model * model) { return model != nullptr ? model->impl->n_threads() : 0; }
@@ -323,10 +324,11 @@ dg_status dg_commit(dg_context * ctx, const int32_t * canvas, size_t n_canvas) {
     return guarded([&] { ctx->impl->commit(canvas, static_cast<uint32_t>(n_canvas)); });
 }
 
-void dg_context_reset(dg_context * ctx) {
-    if (ctx != nullptr) {
-        ctx->impl->reset();
+dg_status dg_context_reset(dg_context * ctx) {
+    if (ctx == nullptr) {
+        return invalid("dg_context_reset: ctx is NULL");
     }
+    return guarded([&] { ctx->impl->reset(); });
 }
 
 dg_status dg_context_truncate(dg_context * ctx, uint32_t n_past) {
@@ -358,7 +360,7 @@ uint32_t dg_context_n_past(const dg_context * ctx) { return ctx != nullptr ? ctx
 
 uint32_t dg_context_n_ctx(const dg_context * ctx) { return ctx != nullptr ? ctx->impl->n_ctx() : 0; }
 
-const char * dg_context_kernels(const dg_context * ctx) { return ctx != nullptr ? ctx->impl->kernel_names().c_str() : ""; }
+const char * dg_context_kernels(const dg_context * ctx) { return ctx != nullptr ? ctx->impl->kernel_names().c_str() : nullptr; }
 
 dg_status dg_context_step(dg_context * ctx, const int32_t * canvas, size_t n_canvas, float temperature, const float * uniforms,
                           bool self_cond, int32_t * argmax_out, int32_t * draws_out, float * entropy_out) {
@@ -407,16 +409,18 @@ dg_status dg_context_imatrix_start(dg_context * ctx) {
     return guarded([&] { ctx->impl->imatrix_start(); });
 }
 
-void dg_context_imatrix_stop(dg_context * ctx) {
-    if (ctx != nullptr) {
-        ctx->impl->imatrix_stop();
+dg_status dg_context_imatrix_stop(dg_context * ctx) {
+    if (ctx == nullptr) {
+        return invalid("dg_context_imatrix_stop: ctx is NULL");
     }
+    return guarded([&] { ctx->impl->imatrix_stop(); });
 }
 
-void dg_context_imatrix_clear(dg_context * ctx) {
-    if (ctx != nullptr) {
-        ctx->impl->imatrix_clear();
+dg_status dg_context_imatrix_clear(dg_context * ctx) {
+    if (ctx == nullptr) {
+        return invalid("dg_context_imatrix_clear: ctx is NULL");
     }
+    return guarded([&] { ctx->impl->imatrix_clear(); });
 }
 
 size_t dg_context_imatrix_n_entries(const dg_context * ctx) {
@@ -462,10 +466,11 @@ dg_status dg_sampler_new(const dg_sampler_params * params, uint32_t canvas_len, 
 
 void dg_sampler_free(dg_sampler * sampler) { delete sampler; }
 
-void dg_sampler_init_canvas(dg_sampler * sampler, int32_t * canvas) {
-    if (sampler != nullptr && canvas != nullptr) {
-        sampler->impl->init_canvas(canvas);
+dg_status dg_sampler_init_canvas(dg_sampler * sampler, int32_t * canvas) {
+    if (sampler == nullptr || canvas == nullptr) {
+        return invalid("dg_sampler_init_canvas: NULL argument");
     }
+    return guarded([&] { sampler->impl->init_canvas(canvas); });
 }
 
 float dg_sampler_temperature(const dg_sampler * sampler) { return sampler != nullptr ? sampler->impl->temperature() : 0.0f; }
@@ -513,8 +518,14 @@ dg_generate_params dg_generate_default_params(const dg_model * model) {
     dg_generate_params p{};
     p.max_new_tokens = 256;
     if (model != nullptr) {
-        p.eos_ids = model->impl->eog_ids().data();
-        p.n_eos   = model->impl->eog_ids().size();
+        try {
+            const std::vector<int32_t> & eog = model->impl->tokenizer().eog_ids();
+            p.eos_ids = eog.data();
+            p.n_eos   = eog.size();
+        } catch (...) {  // out of memory building the tokenizer: no default EOG tokens
+            p.eos_ids = nullptr;
+            p.n_eos   = 0;
+        }
     }
     return p;
 }

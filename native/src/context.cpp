@@ -717,7 +717,7 @@ void DeviceTensor::drop_view() {
 void DeviceTensor::use_columns(int64_t n) {
     drop_view();
     if (tensor_ == nullptr || n < 1 || n > tensor_->ne[1]) {
-        fail(DG_ERR_BACKEND, format("use_columns: %lld columns of a tensor with %lld", static_cast<long long>(n),
+        fail(DG_ERR_INTERNAL, format("use_columns: %lld columns of a tensor with %lld", static_cast<long long>(n),
                                      static_cast<long long>(capacity())));
     }
     if (n == tensor_->ne[1]) {

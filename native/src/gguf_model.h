@@ -2,6 +2,12 @@
 // schema tables (gguf_schema.h), with the hyper-parameters it implies. A model split with
 // llama.cpp's gguf-split (PREFIX-00001-of-0000N.gguf, ...) is loaded from its first part: every
 // part is mapped and parsed, its tensors joined, its metadata taken from the first.
+//
+// One class, defined by concern: gguf_reader.cpp (mapping, the hostile-header prescan, parsing,
+// metadata rendering, validation of keys and tensors), hparams.cpp (hyper-parameters and layer
+// layouts), weight_placement.cpp (bind_weights, the CPU repack, the self-conditioning tables),
+// gguf_model.cpp (load, lifetime, lookups). Tokenizer facts, the end-of-generation tokens
+// among them, belong to the Tokenizer (tokenizer()).
 #pragma once
 
 #include "dgemma.h"
@@ -65,12 +71,10 @@ public:
     const std::string &              device_name() const { return device_name_; }
     ggml_backend_device *            device() const { return device_; }
 
-    // End-of-generation tokens: tokenizer.ggml.eos_token_id and the tokens spelled <eos>, <turn|>
-    // and <|tool_response>.
-    const std::vector<int32_t> &     eog_ids() const { return eog_ids_; }
     // The raw gguf metadata (for the tokenizer, which reads its arrays directly).
     const gguf_context *             gguf() const { return gguf_; }
-    // The model's tokenizer, built on first use. Thread-safe.
+    // The model's tokenizer, built on first use (it never throws for a malformed vocabulary: its
+    // encode/decode report that). Thread-safe.
     const Tokenizer &                tokenizer() const;
 
     // The weight tensor `name` (shape and type from the file), or nullptr. Its data is usable by
@@ -113,10 +117,12 @@ private:
         ~Part();
     };
 
-    void open_parts(const std::string & path, bool use_mmap);
-    void parse_part(Part & part, size_t index, size_t n_parts);
-    void read_hparams();
-    void validate_tensors();
+    // The loading steps, in order (load()).
+    void open_parts(const std::string & path, bool use_mmap);      // gguf_reader.cpp
+    void parse_part(Part & part, size_t index, size_t n_parts);    // gguf_reader.cpp
+    void validate_keys() const;                                    // gguf_reader.cpp
+    void read_hparams();                                           // hparams.cpp
+    void validate_tensors();                                       // gguf_reader.cpp
 
     std::vector<std::unique_ptr<Part>>        parts_;
     gguf_context *                            gguf_ = nullptr;  // the first part's metadata
@@ -127,7 +133,6 @@ private:
     std::unordered_map<std::string, size_t>   tensor_index_;
     std::vector<MetaRecord>                   meta_;
     std::unordered_map<std::string, size_t>   meta_index_;
-    std::vector<int32_t>                      eog_ids_;
     ModelWeights                              weights_;
     std::string                               device_name_;
     ggml_backend_device *                     device_ = nullptr;

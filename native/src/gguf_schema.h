@@ -1,5 +1,7 @@
 // What a valid diffusion-gemma GGUF contains: metadata keys and tensors as tables, read by the
-// loader (gguf_model.cpp). Source of truth: shared/spec/gguf-diffusion-gemma.md sections 1 and 2.
+// loader (gguf_model.cpp). Source of truth: docs/spec/gguf-diffusion-gemma.md sections 1 and 2, as
+// pydgemma/gguf/diffusion_gemma_schema.json holds it; the tables are generated from that file
+// (gguf_schema_tables.inc, python -m pydgemma.gguf.schema --emit-cpp).
 #pragma once
 
 #include <cstddef>

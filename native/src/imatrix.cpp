@@ -73,7 +73,7 @@ ImatrixEntry & ImatrixCollector::get(const std::string & name, uint32_t n_mat, i
         it = entries_.emplace(name, std::move(e)).first;
         order_.push_back(&it->second);
     } else if (it->second.n_mat != n_mat || it->second.ne0 != ne0) {
-        fail(DG_ERR_BACKEND, format("'%s' is used with %u x %lld and %u x %lld inputs", name.c_str(), it->second.n_mat,
+        fail(DG_ERR_INTERNAL, format("'%s' is used with %u x %lld and %u x %lld inputs", name.c_str(), it->second.n_mat,
                                     static_cast<long long>(it->second.ne0), n_mat, static_cast<long long>(ne0)));
     }
     return it->second;
@@ -99,7 +99,7 @@ void ImatrixCollector::collect(ggml_tensor * t) {
     const ggml_tensor * src0 = t->src[0];
     const ggml_tensor * src1 = t->src[1];
     if (src1->nb[0] != sizeof(float)) {
-        fail(DG_ERR_BACKEND, format("'%s': the input rows are not contiguous", name.c_str()));
+        fail(DG_ERR_INTERNAL, format("'%s': the input rows are not contiguous", name.c_str()));
     }
     const uint8_t * x   = host_data(src1, src1_buf_);
     const int64_t   ne0 = src1->ne[0];
@@ -109,7 +109,7 @@ void ImatrixCollector::collect(ggml_tensor * t) {
         const ggml_tensor * ids = t->src[2];
         const int64_t       n_expert = src0->ne[2];
         if (ids == nullptr || ids->type != GGML_TYPE_I32 || ids->ne[1] != src1->ne[2] || src1->ne[3] != 1) {
-            fail(DG_ERR_BACKEND, format("'%s': unexpected expert routing shapes", name.c_str()));
+            fail(DG_ERR_INTERNAL, format("'%s': unexpected expert routing shapes", name.c_str()));
         }
         const uint8_t * id = host_data(ids, ids_buf_);
         ImatrixEntry &  e  = get(name, static_cast<uint32_t>(n_expert), ne0);
@@ -117,7 +117,7 @@ void ImatrixCollector::collect(ggml_tensor * t) {
             for (int64_t slot = 0; slot < ids->ne[0]; ++slot) {
                 const int32_t ex = *reinterpret_cast<const int32_t *>(id + tok * ids->nb[1] + slot * ids->nb[0]);
                 if (ex < 0 || ex >= n_expert) {
-                    fail(DG_ERR_BACKEND, format("'%s': expert id %d out of range", name.c_str(), ex));
+                    fail(DG_ERR_INTERNAL, format("'%s': expert id %d out of range", name.c_str(), ex));
                 }
                 const float * row = reinterpret_cast<const float *>(x + (slot % src1->ne[1]) * src1->nb[1] + tok * src1->nb[2]);
                 double *      sum = e.in_sum2.data() + static_cast<size_t>(ex) * static_cast<size_t>(ne0);
@@ -131,7 +131,7 @@ void ImatrixCollector::collect(ggml_tensor * t) {
     }
     // a dense product: every row of src1 (over dims 1..3) is one input vector
     if (src0->ne[2] != 1 || src0->ne[3] != 1) {
-        fail(DG_ERR_BACKEND, format("'%s': batched products of a weight are not supported", name.c_str()));
+        fail(DG_ERR_INTERNAL, format("'%s': batched products of a weight are not supported", name.c_str()));
     }
     ImatrixEntry & e = get(name, 1, ne0);
     for (int64_t i3 = 0; i3 < src1->ne[3]; ++i3) {

@@ -44,7 +44,7 @@ size_t quantize_rows(int32_t type, const float * src, void * dst, int64_t n_rows
         total += n;
     }
     if (total != row_size * static_cast<size_t>(n_rows)) {
-        fail(DG_ERR_BACKEND, "quantize: ggml wrote an unexpected number of bytes");
+        fail(DG_ERR_INTERNAL, "quantize: ggml wrote an unexpected number of bytes");
     }
     return total;
 }

@@ -158,6 +158,16 @@ struct Tokenizer::Impl {
     std::vector<TrieNode>                         trie;          // special tokens; trie[0] is the root
     int32_t                                       bos_id = -1;
     int32_t                                       unk_id = -1;
+    std::vector<int32_t>                          eog_ids;
+    // Why the vocabulary cannot be used (DG_OK: it can); encode and decode report it.
+    dg_status                                     load_status = DG_OK;
+    std::string                                   load_error;
+
+    void check_loaded() const {
+        if (load_status != DG_OK) {
+            fail(load_status, load_error);
+        }
+    }
 
     void load(const gguf_context * g);
     void add_special(int32_t id);
@@ -403,9 +413,50 @@ void Tokenizer::Impl::encode_word(const char * text, size_t n, std::vector<int32
     }
 }
 
+namespace {
+
+// tokenizer.ggml.eos_token_id and gemma4's end-of-generation pieces, each id once (see eog_ids()).
+std::vector<int32_t> find_eog_ids(const gguf_context * g) {
+    std::vector<int32_t> ids;
+    const int64_t tokens_key = gguf_find_key(g, "tokenizer.ggml.tokens");
+    if (tokens_key < 0 || gguf_get_kv_type(g, tokens_key) != GGUF_TYPE_ARRAY ||
+        gguf_get_arr_type(g, tokens_key) != GGUF_TYPE_STRING) {
+        return ids;
+    }
+    const size_t  n_vocab = gguf_get_arr_n(g, tokens_key);
+    const int64_t eos_key = gguf_find_key(g, "tokenizer.ggml.eos_token_id");
+    if (eos_key >= 0 && is_integer(gguf_get_kv_type(g, eos_key))) {
+        const int64_t eos = integer_at(g, eos_key, 0);
+        if (eos >= 0 && static_cast<uint64_t>(eos) < n_vocab) {
+            ids.push_back(static_cast<int32_t>(eos));
+        }
+    }
+    for (size_t i = 0; i < n_vocab && i <= static_cast<size_t>(INT32_MAX); ++i) {
+        const char * piece = gguf_get_arr_str(g, tokens_key, i);
+        if (piece == nullptr) {
+            continue;
+        }
+        if (std::strcmp(piece, "<eos>") == 0 || std::strcmp(piece, "<turn|>") == 0 ||
+            std::strcmp(piece, "<|tool_response>") == 0) {
+            if (std::find(ids.begin(), ids.end(), static_cast<int32_t>(i)) == ids.end()) {
+                ids.push_back(static_cast<int32_t>(i));
+            }
+        }
+    }
+    return ids;
+}
+
+}  // namespace
+
 Tokenizer::Tokenizer(const GgufModel & model) : impl_(new Impl()) {
     try {
-        impl_->load(model.gguf());
+        impl_->eog_ids = find_eog_ids(model.gguf());
+        try {
+            impl_->load(model.gguf());
+        } catch (const Error & e) {
+            impl_->load_status = e.status();
+            impl_->load_error  = e.what();
+        }
     } catch (...) {
         delete impl_;
         throw;
@@ -414,8 +465,11 @@ Tokenizer::Tokenizer(const GgufModel & model) : impl_(new Impl()) {
 
 Tokenizer::~Tokenizer() { delete impl_; }
 
+const std::vector<int32_t> & Tokenizer::eog_ids() const { return impl_->eog_ids; }
+
 // `add_bos` does nothing when the model names no BOS token (as HF adds nothing without one).
 std::vector<int32_t> Tokenizer::encode(const std::string & text, bool add_bos, bool parse_special) const {
+    impl_->check_loaded();
     std::vector<int32_t> out;
     out.reserve(text.size() / 2 + 2);
     if (add_bos && impl_->bos_id >= 0) {
@@ -443,6 +497,7 @@ std::vector<int32_t> Tokenizer::encode(const std::string & text, bool add_bos, b
 }
 
 std::string Tokenizer::decode(const int32_t * ids, size_t n, bool render_special) const {
+    impl_->check_loaded();
     const Impl & m = *impl_;
     const size_t n_vocab = m.pieces.size();
     std::string out;

@@ -15,7 +15,9 @@ class GgufModel;
 
 class Tokenizer {
 public:
-    // Reads the vocabulary from the model's metadata; throws dg::Error when it is malformed.
+    // Reads the vocabulary from the model's metadata. A malformed vocabulary (merges, token types,
+    // special token ids) does not throw here: encode() and decode() throw its dg::Error, while
+    // eog_ids() stays usable (it needs only the token pieces, which the loader has checked).
     explicit Tokenizer(const GgufModel & model);
     ~Tokenizer();
     Tokenizer(const Tokenizer &) = delete;
@@ -27,6 +29,10 @@ public:
     // The UTF-8 text of `ids`; CONTROL tokens render as nothing unless `render_special`.
     // Throws dg::Error (DG_ERR_INVALID_ARG) for an id outside the vocabulary.
     std::string decode(const int32_t * ids, size_t n, bool render_special) const;
+    // The end-of-generation tokens: tokenizer.ggml.eos_token_id (when it is an integer inside the
+    // vocabulary), then the tokens spelled <eos>, <turn|> and <|tool_response> (gemma4's end of
+    // text, end of turn and the turn a tool call waits on), each id once.
+    const std::vector<int32_t> & eog_ids() const;
 
 private:
     struct Impl;

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
-from ..chat import CHANNEL_CLOSE, CHANNEL_OPEN
+from ..chat_format import CHANNEL_CLOSE, CHANNEL_OPEN
 from ..tools import CALL_CLOSE, CALL_OPEN, STRING_DELIM, ToolCall, parse_tool_calls
 
 if TYPE_CHECKING:
