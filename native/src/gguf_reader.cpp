@@ -184,8 +184,8 @@ bool is_float_type(int32_t type) {
     return type == GGML_TYPE_F32 || type == GGML_TYPE_F16 || type == GGML_TYPE_BF16;
 }
 
-// ggml's gguf reader asserts (aborts the process) on an empty key and when 'general.alignment' is
-// not a scalar u32. Walk the metadata ourselves first, bounds-checked, and refuse such a file with a
+// ggml's gguf reader asserts (aborts the process) on an empty key and when 'general.alignment' (as
+// a C string: a key with a NUL inside may read as it) is not a scalar u32. Walk the metadata ourselves first, bounds-checked, and refuse such a file with a
 // message. Anything else malformed is left for ggml's reader to report.
 std::string prescan_metadata(const uint8_t * data, uint64_t size) {
     uint64_t pos = 0;
@@ -228,6 +228,10 @@ std::string prescan_metadata(const uint8_t * data, uint64_t size) {
         }
         if (key_len == 0) {
             return format("metadata entry %llu has an empty key", static_cast<unsigned long long>(i));
+        }
+        // ggml compares keys as C strings: "general.alignment\0..." would be taken for the real one.
+        if (std::memchr(key, 0, static_cast<size_t>(key_len)) != nullptr) {
+            return format("metadata entry %llu has a NUL byte in its key", static_cast<unsigned long long>(i));
         }
         const bool is_alignment = key_len == 17 && std::memcmp(key, "general.alignment", 17) == 0;
         if (is_alignment && type != GGUF_TYPE_UINT32) {
